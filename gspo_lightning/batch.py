@@ -1,0 +1,117 @@
+"""`RolloutBatch`: the one type that carries a rollout batch from the data side to the module.
+
+Shapes use fixed letters: B prompts, G samples per prompt, N = B*G sequences, P the padded prompt width,
+T the padded response width. Prompts are left-padded and responses right-padded, so ``input_ids`` is
+``[prompt | response]`` with the response always starting at column P.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RolloutBatch:
+    """One rollout batch of N = B*G sequences.
+
+    Attributes:
+        input_ids: (N, P+T) int64, left-padded prompt followed by right-padded response.
+        attention_mask: (N, P+T) bool, True on real prompt and response tokens.
+        response_mask: (N, T) bool, True on real response tokens (the sampled tokens that are trained on).
+        rewards: (N,) float32, the scalar reward of each sequence.
+        group_ids: (N,) int64; the G samples of one prompt share an id.
+        old_logprobs: (N, T) log pi_old of the sampled tokens (behaviour policy), or None until computed.
+        ref_logprobs: (N, T) log pi_ref of the sampled tokens, or None when no reference model is used.
+        rollout_logprobs: (N, T) log-probs reported by the rollout engine, or None if it gave none.
+        advantages: (N,) or (N, T), filled in by the module from the advantage component.
+        truncated: (N,) bool, True where generation stopped at the length limit rather than at EOS.
+        reward_terms: name -> (N,) per-reward scores before weighting, for logging.
+        prompts: N prompt texts (repeated G times), for sample logging and rewards.
+        completions: N decoded responses.
+        answers: N reference answers (None where the task has none).
+        prompt_index: (N,) int64, position of each prompt in its dataset (for resuming and debugging).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    rewards: Tensor
+    group_ids: Tensor
+    old_logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    rollout_logprobs: Tensor | None = None
+    advantages: Tensor | None = None
+    truncated: Tensor | None = None
+    reward_terms: dict[str, Tensor] = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)
+    completions: list[str] = field(default_factory=list)
+    answers: list[str | None] = field(default_factory=list)
+    prompt_index: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n, t = self.response_mask.shape
+        if self.input_ids.shape[0] != n or self.input_ids.shape[1] < t:
+            raise ValueError(
+                f"input_ids {tuple(self.input_ids.shape)} must be (N, P+T) for response_mask {(n, t)}."
+            )
+        for name in ("rewards", "group_ids"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(
+                    f"{name} must have shape (N,) = ({n},), got {tuple(getattr(self, name).shape)}."
+                )
+        for name in ("old_logprobs", "ref_logprobs", "rollout_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value.shape != (n, t):
+                raise ValueError(f"{name} must have shape (N, T) = {(n, t)}, got {tuple(value.shape)}.")
+
+    @property
+    def num_sequences(self) -> int:
+        """N."""
+        return self.response_mask.shape[0]
+
+    @property
+    def prompt_width(self) -> int:
+        """P, the column where responses start in ``input_ids``."""
+        return self.input_ids.shape[1] - self.response_mask.shape[1]
+
+    @property
+    def response_ids(self) -> Tensor:
+        """(N, T) the sampled response tokens."""
+        return self.input_ids[:, self.prompt_width :]
+
+    @property
+    def response_lengths(self) -> Tensor:
+        """(N,) number of real response tokens per sequence."""
+        return self.response_mask.sum(-1)
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """A copy with every tensor moved to ``device``."""
+        return self._map(lambda t: t.to(device))
+
+    def select(self, index: Tensor | Sequence[int]) -> RolloutBatch:
+        """The sub-batch of sequences ``index`` (used for mini- and micro-batches)."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        idx_list = idx.tolist()
+        return self._map(lambda t: t[idx.to(t.device)], lambda seq: [seq[i] for i in idx_list])
+
+    def _map(self, fn_tensor, fn_list=None) -> RolloutBatch:
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                value = fn_tensor(value)
+            elif isinstance(value, dict):
+                value = {k: fn_tensor(v) for k, v in value.items()}
+            elif isinstance(value, list) and fn_list is not None and value:
+                value = fn_list(value)
+            values[f.name] = value
+        return RolloutBatch(**values)

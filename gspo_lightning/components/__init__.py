@@ -1,0 +1,1 @@
+"""The swappable algorithm components: ratio, advantage, clip, KL, aggregation and their composition."""

@@ -1,0 +1,52 @@
+"""Per-token KL estimators of KL(pi_theta || pi_ref) from sampled-token log-probs (Schulman, 2020).
+
+The caller replaces padding log-probs by 0 first (:class:`PolicyObjective` does), so these are plain
+elementwise functions. ``log(ref/lp)`` is clamped to +-20 before ``exp`` in k3 for the same reason as the
+ratio (see ``clip.LOG_RATIO_BOUND``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+from gspo_lightning.components.clip import LOG_RATIO_BOUND
+from gspo_lightning.registry import Registry
+
+
+class KL(nn.Module, ABC):
+    """Base class: per-token KL penalty towards the reference model."""
+
+    @abstractmethod
+    def forward(self, logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+        """Args: logprobs (N, T) with gradient; ref_logprobs (N, T). Returns (N, T)."""
+
+
+KLS: Registry[KL] = Registry("kl", KL)
+
+
+@KLS.register
+class K1KL(KL):
+    """k1 estimator: lp - ref (unbiased, high variance, can be negative)."""
+
+    def forward(self, logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+        return logprobs - ref_logprobs.detach()
+
+
+@KLS.register
+class K2KL(KL):
+    """k2 estimator: 0.5 (lp - ref)^2 (biased, low variance, non-negative)."""
+
+    def forward(self, logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+        return 0.5 * (logprobs - ref_logprobs.detach()).square()
+
+
+@KLS.register
+class K3KL(KL):
+    """k3 estimator: exp(ref - lp) - (ref - lp) - 1 (unbiased, low variance, non-negative; GRPO's choice)."""
+
+    def forward(self, logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+        log_ratio = (ref_logprobs.detach() - logprobs).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+        return torch.exp(log_ratio) - log_ratio - 1.0

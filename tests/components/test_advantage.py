@@ -1,0 +1,109 @@
+"""Advantages: group-normalised, group-mean, RLOO, and the seed-001 contrast advantage."""
+
+import math
+
+import pytest
+import torch
+from conftest import make_batch
+
+from gspo_lightning import (
+    ClipOutput,
+    ContrastAdvantage,
+    GroupMeanAdvantage,
+    GroupNormAdvantage,
+    PPOClip,
+    RLOOAdvantage,
+)
+
+
+def test_group_norm_hand_worked():
+    # group 0: rewards 1, 0, 0, 1 -> mean 0.5, unbiased std sqrt(4*0.25/3) = 0.57735
+    batch = make_batch([1, 0, 0, 1, 3, 3, 3, 3], group_size=4)
+    adv = GroupNormAdvantage(eps=0.0)(batch)
+    s = 0.5 / math.sqrt(1 / 3)
+    torch.testing.assert_close(adv, torch.tensor([s, -s, -s, s, 0, 0, 0, 0]))
+    assert not adv.requires_grad
+
+
+def test_group_norm_batch_scale_and_none():
+    batch = make_batch([1, 0, 2, 2], group_size=2)
+    centred = torch.tensor([0.5, -0.5, 0.0, 0.0])
+    torch.testing.assert_close(GroupNormAdvantage(scale="none")(batch), centred)
+    batch_std = torch.tensor([1.0, 0.0, 2.0, 2.0]).std()
+    torch.testing.assert_close(GroupNormAdvantage(scale="batch", eps=0.0)(batch), centred / batch_std)
+    torch.testing.assert_close(GroupMeanAdvantage()(batch), centred)
+
+
+def test_rloo_is_leave_one_out():
+    # R = (1, 2, 6): leave-one-out means 4, 3.5, 1.5 -> A = (-3, -1.5, 4.5) = 3/2 (R - 3)
+    batch = make_batch([1, 2, 6], group_size=3)
+    torch.testing.assert_close(RLOOAdvantage()(batch), torch.tensor([-3.0, -1.5, 4.5]))
+
+
+@pytest.mark.parametrize("adv", [GroupNormAdvantage(), GroupMeanAdvantage(), RLOOAdvantage()])
+def test_equal_rewards_and_singletons_give_zero(adv):
+    batch = make_batch([0.7, 0.7, 0.7, 5.0], group_size=3)  # a group of 3 equal rewards and a group of one
+    out = adv(batch)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, torch.zeros(4))
+
+
+def test_group_ids_need_not_be_contiguous_or_sorted():
+    batch = make_batch([1, 5, 0, 7], group_size=1)
+    batch.group_ids = torch.tensor([42, 7, 42, 7])
+    torch.testing.assert_close(GroupMeanAdvantage()(batch), torch.tensor([0.5, -1.0, -0.5, 1.0]))
+
+
+def _contrast_batch(rewards, seq_ratios, lengths):
+    # sequence i of length L_i with every token's log(old/ref) = log s_i, so the mean is log s_i
+    t = max(lengths)
+    mask = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
+    log_s = torch.log(torch.tensor(seq_ratios))[:, None].expand(-1, t)
+    return make_batch(
+        rewards,
+        group_size=len(rewards),
+        response_mask=mask,
+        old_logprobs=log_s.clone(),
+        ref_logprobs=torch.zeros(len(rewards), t),
+    )
+
+
+def test_contrast_seed_001_worked_example():
+    # seed 001: r = (8, 6, 4), mean 6 -> good {1, 2}, bad {3}; s = (1.051, 1.050, 0.950), L = (5, 7, 6)
+    # s_good = (1.051 + 1.050)/2 = 1.0505; s_bad = 0.950; A = 0.1005 -> (+A, +A, -A)
+    batch = _contrast_batch([8, 6, 4], [1.051, 1.050, 0.950], [5, 7, 6])
+    adv = ContrastAdvantage()(batch)
+    torch.testing.assert_close(adv, torch.tensor([0.1005, 0.1005, -0.1005]), atol=1e-5, rtol=0)
+    # per-sequence losses -min(s A, clip(s) A) = (-0.1057, -0.1055, +0.0955); their mean is -0.0386
+    # (the seed prints 0.1022: it summed the magnitudes with the signs dropped)
+    log_s = torch.log(torch.tensor([[1.051], [1.050], [0.950]]))
+    out: ClipOutput = PPOClip(0.2, 0.2)(log_s, adv)
+    torch.testing.assert_close(out.loss[:, 0], torch.tensor([-0.1057, -0.1055, 0.0955]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.loss.mean(), torch.tensor(-0.0386), atol=1e-4, rtol=0)
+
+
+def test_contrast_properties():
+    # not zero-mean in a group: sum = (n_good - n_bad) A
+    batch = _contrast_batch([8, 6, 4], [1.051, 1.050, 0.950], [5, 7, 6])
+    adv = ContrastAdvantage()(batch)
+    torch.testing.assert_close(adv.sum(), torch.tensor((2 - 1) * 0.1005), atol=1e-5, rtol=0)
+    # the reward magnitudes do not matter beyond the split
+    torch.testing.assert_close(
+        ContrastAdvantage()(_contrast_batch([100, 99, -50], [1.051, 1.050, 0.950], [5, 7, 6])), adv
+    )
+    # pi_old == pi_ref (all s = 1) -> 0
+    torch.testing.assert_close(
+        ContrastAdvantage()(_contrast_batch([8, 6, 4], [1.0, 1.0, 1.0], [5, 7, 6])), torch.zeros(3)
+    )
+    # the sign follows the policy: if bad sequences have the larger ratio, good ones get a negative advantage
+    flipped = ContrastAdvantage()(_contrast_batch([8, 6, 4], [0.9, 0.9, 1.1], [5, 7, 6]))
+    assert flipped[0] < 0 and flipped[2] > 0
+    # all rewards equal (no bad half): 0, where the seed's pseudo-code would give every member mean s ~ 1
+    equal = ContrastAdvantage()(_contrast_batch([0.1, 0.1, 0.1], [1.2, 1.1, 0.9], [5, 7, 6]))
+    torch.testing.assert_close(equal, torch.zeros(3))
+    assert ContrastAdvantage.needs_ref
+
+
+def test_contrast_needs_reference_logprobs():
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        ContrastAdvantage()(make_batch([1, 0], group_size=2))

@@ -1,0 +1,31 @@
+"""Shared fixtures and helpers for the test suite."""
+
+from __future__ import annotations
+
+import torch
+
+from gspo_lightning import RolloutBatch
+
+
+def make_batch(
+    rewards: list[float],
+    group_size: int,
+    response_mask: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    t: int = 4,
+    prompt_width: int = 2,
+) -> RolloutBatch:
+    """A RolloutBatch of len(rewards) sequences in groups of ``group_size``, with dummy token ids."""
+    n = len(rewards)
+    mask = response_mask if response_mask is not None else torch.ones(n, t, dtype=torch.bool)
+    t = mask.shape[1]
+    return RolloutBatch(
+        input_ids=torch.ones(n, prompt_width + t, dtype=torch.long),
+        attention_mask=torch.cat([torch.ones(n, prompt_width, dtype=torch.bool), mask.bool()], dim=1),
+        response_mask=mask.bool(),
+        rewards=torch.tensor(rewards, dtype=torch.float32),
+        group_ids=torch.arange(n) // group_size,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+    )
