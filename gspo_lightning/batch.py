@@ -36,6 +36,7 @@ class RolloutBatch:
         completions: N decoded responses.
         answers: N reference answers (None where the task has none).
         prompt_index: (N,) int64, position of each prompt in its dataset (for resuming and debugging).
+        metrics: scalar statistics of how the batch was made (``rollout/*``, ``time/*``), for logging.
     """
 
     input_ids: Tensor
@@ -53,18 +54,15 @@ class RolloutBatch:
     completions: list[str] = field(default_factory=list)
     answers: list[str | None] = field(default_factory=list)
     prompt_index: Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n, t = self.response_mask.shape
         if self.input_ids.shape[0] != n or self.input_ids.shape[1] < t:
-            raise ValueError(
-                f"input_ids {tuple(self.input_ids.shape)} must be (N, P+T) for response_mask {(n, t)}."
-            )
+            raise ValueError(f"input_ids {tuple(self.input_ids.shape)} must be (N, P+T) for response_mask {(n, t)}.")
         for name in ("rewards", "group_ids"):
             if getattr(self, name).shape != (n,):
-                raise ValueError(
-                    f"{name} must have shape (N,) = ({n},), got {tuple(getattr(self, name).shape)}."
-                )
+                raise ValueError(f"{name} must have shape (N,) = ({n},), got {tuple(getattr(self, name).shape)}.")
         for name in ("old_logprobs", "ref_logprobs", "rollout_logprobs"):
             value = getattr(self, name)
             if value is not None and value.shape != (n, t):
@@ -110,7 +108,7 @@ class RolloutBatch:
             if isinstance(value, Tensor):
                 value = fn_tensor(value)
             elif isinstance(value, dict):
-                value = {k: fn_tensor(v) for k, v in value.items()}
+                value = {k: fn_tensor(v) if isinstance(v, Tensor) else v for k, v in value.items()}
             elif isinstance(value, list) and fn_list is not None and value:
                 value = fn_list(value)
             values[f.name] = value

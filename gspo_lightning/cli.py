@@ -1,5 +1,6 @@
-"""The ``gspo-lightning`` command.
+"""The ``gspo-lightning`` command: ``fit`` / ``validate`` through LightningCLI, and ``list``.
 
+``gspo-lightning fit`` with no ``--config`` runs the embedded demo (``configs/demo.yaml``).
 ``gspo-lightning list [KIND]`` prints the registered components with their one-line descriptions.
 """
 
@@ -7,15 +8,24 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
 
 from gspo_lightning.registry import Registry
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 
 
 def registries() -> dict[str, Registry]:
     """Every registry users can pick from in YAML, by kind."""
     from gspo_lightning import COMPONENT_REGISTRIES
+    from gspo_lightning.data.prompts import PROMPT_SOURCES
+    from gspo_lightning.engines import ENGINES
+    from gspo_lightning.rewards import REWARDS
 
-    return dict(COMPONENT_REGISTRIES)
+    return {**COMPONENT_REGISTRIES, "reward": REWARDS, "engine": ENGINES, "prompts": PROMPT_SOURCES}
 
 
 def list_components(kinds: Sequence[str] = ()) -> str:
@@ -33,12 +43,45 @@ def list_components(kinds: Sequence[str] = ()) -> str:
     return "\n".join(lines)
 
 
+class GSPOLightningCLI(LightningCLI):
+    """LightningCLI with the values two parts need given once."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model", "data.tokenizer")
+        parser.link_arguments("data.sampling.temperature", "model.temperature")
+        parser.link_arguments("data.sampling.max_new_tokens", "model.max_new_tokens")
+
+
+def cli_main(args: Sequence[str] | None = None, run: bool = True) -> GSPOLightningCLI:
+    """Build (and run) the LightningCLI. ``args`` excludes the program name."""
+    from gspo_lightning.datamodule import RolloutDataModule
+    from gspo_lightning.module import GSPOModule
+
+    return GSPOLightningCLI(
+        GSPOModule,
+        RolloutDataModule,
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def with_demo_default(args: list[str]) -> list[str]:
+    """Insert the demo config after the subcommand when no ``--config`` is given."""
+    if args and args[0] in ("fit", "validate") and not any(a == "--config" or a.startswith("--config=") for a in args):
+        return [args[0], "--config", str(DEMO_CONFIG), *args[1:]]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "list":
         print(list_components(args[1:]))
         return
-    raise SystemExit("usage: gspo-lightning list [ratio|advantage|clip|kl ...]")
+    # LightningCLI reads sys.argv itself; giving it `args` as well would make it warn about both.
+    sys.argv = [sys.argv[0], *with_demo_default(args)]
+    cli_main()
 
 
 if __name__ == "__main__":

@@ -56,9 +56,7 @@ class Registry(Generic[T]):
 
         def decorator(klass: type[T]) -> type[T]:
             if not (inspect.isclass(klass) and issubclass(klass, self.base)):
-                raise TypeError(
-                    f"Cannot register {klass!r} as a {self.kind}: it must subclass {self.base.__name__}."
-                )
+                raise TypeError(f"Cannot register {klass!r} as a {self.kind}: it must subclass {self.base.__name__}.")
             name = klass.__name__
             if name in self._entries and not override:
                 existing = self._entries[name].cls
@@ -69,9 +67,7 @@ class Registry(Generic[T]):
                 )
             text = description or _first_docstring_line(klass)
             if not text:
-                raise TypeError(
-                    f"{self.kind} {name!r} needs a description: pass description= or write a docstring."
-                )
+                raise TypeError(f"{self.kind} {name!r} needs a description: pass description= or write a docstring.")
             self._entries[name] = RegistryEntry(name=name, cls=klass, description=text)
             return klass
 

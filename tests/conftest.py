@@ -29,3 +29,42 @@ def make_batch(
         old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs,
     )
+
+
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory):
+    """Built-in demo models are built into a per-session cache unless GSPO_LIGHTNING_CACHE is set."""
+    if "GSPO_LIGHTNING_CACHE" not in os.environ:
+        os.environ["GSPO_LIGHTNING_CACHE"] = str(tmp_path_factory.mktemp("gspo_cache"))
+    yield
+
+
+TINY = "builtin:tiny-qwen3-moe-random"
+
+
+@pytest.fixture(scope="session")
+def tiny_path():
+    """Folder of the tiny random Qwen3-MoE (with its character tokenizer)."""
+    from gspo_lightning.models import resolve_pretrained
+
+    return resolve_pretrained(TINY)
+
+
+@pytest.fixture()
+def tiny_model(tiny_path):
+    from gspo_lightning.models import load_causal_lm
+
+    torch.manual_seed(0)
+    return load_causal_lm(tiny_path)
+
+
+@pytest.fixture()
+def tiny_tokenizer(tiny_path):
+    from gspo_lightning.models import load_tokenizer
+
+    return load_tokenizer(tiny_path)

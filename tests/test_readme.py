@@ -21,9 +21,7 @@ def _block(lang: str, startswith: str = "") -> str:
 
 
 def test_compose_example_runs():
-    result = subprocess.run(
-        [sys.executable, "-c", _block("python", "import torch")], capture_output=True, text=True
-    )
+    result = subprocess.run([sys.executable, "-c", _block("python", "import torch")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "policy/ratio_mean" in result.stdout
 
@@ -40,9 +38,7 @@ def test_custom_component_example_runs_from_yaml(tmp_path, monkeypatch):
     import torch
 
     lp = torch.zeros(2, 3, requires_grad=True)
-    out = objective(
-        lp, torch.full((2, 3), -1.0), torch.tensor([1.0, -1.0]), torch.ones(2, 3, dtype=torch.bool)
-    )
+    out = objective(lp, torch.full((2, 3), -1.0), torch.tensor([1.0, -1.0]), torch.ones(2, 3, dtype=torch.bool))
     out.loss.backward()
     # the clamp at 0.3 makes every ratio exp(0.3): all tokens of the positive-advantage row clip high
     assert abs(out.metrics["policy/ratio_max"].item() - 1.3499) < 1e-3

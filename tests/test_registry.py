@@ -68,9 +68,7 @@ def test_every_ratio(name):
 
 @pytest.mark.parametrize("name", ADVANTAGES.names())
 def test_every_advantage(name):
-    batch = make_batch(
-        [1, 0, 1, 2, 2, 0], group_size=3, response_mask=MASK, old_logprobs=LP, ref_logprobs=OLD
-    )
+    batch = make_batch([1, 0, 1, 2, 2, 0], group_size=3, response_mask=MASK, old_logprobs=LP, ref_logprobs=OLD)
     out = ADVANTAGES.build(name)(batch)
     assert out.shape in ((N,), (N, T)) and torch.isfinite(out).all() and not out.requires_grad
     assert out.abs().sum() > 0

@@ -135,9 +135,7 @@ class ContrastAdvantage(Advantage):
         rewards = batch.rewards.to(torch.float32)
         mean, _, _ = group_stats(rewards, batch.group_ids)
         good = rewards >= mean - self.tol * mean.abs().clamp(min=1.0)
-        s = torch.exp(
-            seq_mean(batch.old_logprobs.float() - batch.ref_logprobs.float(), batch.response_mask.bool())
-        )
+        s = torch.exp(seq_mean(batch.old_logprobs.float() - batch.ref_logprobs.float(), batch.response_mask.bool()))
         index, k = group_index(batch.group_ids)
         n_good = group_sum(good.float(), index, k)
         n_bad = group_sum((~good).float(), index, k)

@@ -25,9 +25,7 @@ from torch import Tensor
 
 from gspo_lightning.ops import masked_fill_padding, seq_lengths
 
-AggregationMode = Literal[
-    "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
-]
+AggregationMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 AGGREGATION_MODES: tuple[str, ...] = get_args(AggregationMode)
 
 

@@ -113,9 +113,7 @@ class PolicyObjective(nn.Module):
             if self.kl_coef > 0:
                 loss = loss + self.kl_coef * kl_loss
         elif self.uses_kl:
-            raise ValueError(
-                "kl_coef > 0 but no ref_logprobs were given: the reference model's log-probs are needed."
-            )
+            raise ValueError("kl_coef > 0 but no ref_logprobs were given: the reference model's log-probs are needed.")
         return ObjectiveOutput(loss=loss, metrics=metrics)
 
     @staticmethod

@@ -26,9 +26,7 @@ def test_modes_hand_worked(mode, expected):
 
 
 def test_token_sum_norm_uses_constant_max_len():
-    torch.testing.assert_close(
-        aggregate(VALUES, MASK, "seq-mean-token-sum-norm", max_len=10), torch.tensor(9 / 20)
-    )
+    torch.testing.assert_close(aggregate(VALUES, MASK, "seq-mean-token-sum-norm", max_len=10), torch.tensor(9 / 20))
 
 
 def test_unknown_mode_lists_valid_ones():

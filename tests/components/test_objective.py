@@ -34,9 +34,7 @@ def _loss_and_grad(objective, lp, old, adv, mask, ref=None):
     return out, lp.grad
 
 
-@pytest.mark.parametrize(
-    "agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
-)
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
 def test_gspo_token_equals_gspo_value_and_gradient_with_sequence_advantage(agg: AggregationMode):
     lp, old, mask = _inputs(seed=1)
     adv = torch.tensor([1.0, -0.5, 2.0, -1.5])
@@ -70,9 +68,7 @@ def test_metrics_names_and_values():
     )
     m = {k: v.item() for k, v in out.metrics.items()}
     assert m["policy/ratio_max"] == pytest.approx(1.5) and m["policy/ratio_min"] == pytest.approx(1.0)
-    assert m["policy/clip_frac_seq"] == pytest.approx(0.5) and m["policy/clip_frac_token"] == pytest.approx(
-        0.5
-    )
+    assert m["policy/clip_frac_seq"] == pytest.approx(0.5) and m["policy/clip_frac_token"] == pytest.approx(0.5)
     assert m["policy/clip_frac_high"] == pytest.approx(0.5) and m["policy/clip_frac_low"] == 0.0
     assert "policy/kl" not in m
     assert all(not v.requires_grad for v in out.metrics.values())
@@ -104,9 +100,7 @@ def test_kl_configuration_errors():
 def test_degenerate_inputs_give_finite_loss_and_gradients(ratio):
     # a zero-length response, log ratios of +-100 on real tokens, and -inf log-probs at padding
     lp = torch.tensor([[0.0, 0.0, 0.0], [-100.0, float("-inf"), float("-inf")], [100.0, -1.0, float("-inf")]])
-    old = torch.tensor(
-        [[float("-inf")] * 3, [0.0, float("-inf"), float("-inf")], [-0.0, -100.0, float("-inf")]]
-    )
+    old = torch.tensor([[float("-inf")] * 3, [0.0, float("-inf"), float("-inf")], [-0.0, -100.0, float("-inf")]])
     mask = torch.tensor([[0, 0, 0], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)
     for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
         objective = PolicyObjective(ratio, PPOClip(), kl=K3KL(), kl_coef=0.1, aggregation=agg)

@@ -1,0 +1,8 @@
+"""Callbacks for monitoring and export (nothing training needs to be correct lives here)."""
+
+from gspo_lightning.callbacks.heldout import HeldOutReport
+from gspo_lightning.callbacks.hf_export import HFExport
+from gspo_lightning.callbacks.moe_monitor import MoEMonitor
+from gspo_lightning.callbacks.samples import SampleLogger
+
+__all__ = ["HFExport", "HeldOutReport", "MoEMonitor", "SampleLogger"]

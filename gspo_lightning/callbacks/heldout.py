@@ -1,0 +1,81 @@
+"""`HeldOutReport`: held-out accuracy before and after training, printed and saved at the end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+
+class HeldOutReport(Callback):
+    """Evaluates every held-out prompt (greedy and sampled) when training starts and ends.
+
+    Logs ``val/accuracy`` and ``val/accuracy_sampled`` at the start step too, prints a before/after
+    table at the end, and writes it as ``heldout_report.json`` in the logger's folder.
+    """
+
+    def __init__(self) -> None:
+        self.before: dict[str, float] = {}
+        self.after: dict[str, float] = {}
+
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        dm = trainer.datamodule
+        prompts = dm.val_prompts
+        if not prompts and trainer.world_size == 1:
+            raise RuntimeError("HeldOutReport needs held-out prompts, but the prompt source has no validation split.")
+        dm.bind_policy(pl_module.policy)
+        size = dm.val_batch_size
+        results = [dm.evaluate(prompts[i : i + size]) for i in range(0, len(prompts), size)]
+        greedy = sum(float(r.greedy_correct.sum()) for r in results)
+        sampled = sum(float(r.sampled_correct.float().mean(1).sum()) for r in results)
+        totals = torch.tensor([greedy, sampled, float(len(prompts))], dtype=torch.float64, device=pl_module.device)
+        totals = trainer.strategy.reduce(totals, reduce_op="sum")
+        n = max(float(totals[2]), 1.0)
+        return {"val/accuracy": float(totals[0]) / n, "val/accuracy_sampled": float(totals[1]) / n, "n": n}
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.before = self._evaluate(trainer, pl_module)
+        for logger in trainer.loggers:
+            logger.log_metrics({k: v for k, v in self.before.items() if k != "n"}, step=trainer.global_step)
+        rank_zero_info(self._line("held-out accuracy before", self.before))
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.after = self._evaluate(trainer, pl_module)
+        for logger in trainer.loggers:
+            logger.log_metrics({k: v for k, v in self.after.items() if k != "n"}, step=trainer.global_step)
+        report = {"before": self.before, "after": self.after, "optimizer_steps": trainer.global_step}
+        rank_zero_info(self.table())
+        if trainer.is_global_zero and trainer.log_dir is not None:
+            path = Path(trainer.log_dir) / "heldout_report.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=2))
+
+    @staticmethod
+    def _line(title: str, m: dict[str, float]) -> str:
+        return f"{title}: greedy {100 * m['val/accuracy']:.1f}%, sampled {100 * m['val/accuracy_sampled']:.1f}%"
+
+    def table(self) -> str:
+        rows = [("greedy", "val/accuracy"), ("sampled", "val/accuracy_sampled")]
+        lines = [
+            f"Held-out accuracy on {int(self.after.get('n', 0))} prompts",
+            f"{'':10}{'before':>9}{'after':>9}{'gain':>9}",
+        ]
+        for label, key in rows:
+            b, a = 100 * self.before.get(key, float("nan")), 100 * self.after.get(key, float("nan"))
+            lines.append(f"{label:10}{b:8.1f}%{a:8.1f}%{a - b:+8.1f}")
+        return "\n".join(lines)
+
+    @override
+    def state_dict(self) -> dict:
+        return {"before": self.before}
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.before = state_dict.get("before", {})

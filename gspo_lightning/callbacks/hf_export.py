@@ -1,0 +1,57 @@
+"""`HFExport`: write the policy and tokenizer as a Hugging Face folder that ``from_pretrained`` loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+
+class HFExport(Callback):
+    """Saves ``save_pretrained`` folders for serving with vLLM or transformers.
+
+    Args:
+        dirpath: output folder (default: ``<log_dir>/hf_export``); each export goes to ``step_<global_step>``
+            and the final one also to ``final``.
+        every_n_steps: export every this many rollout batches as well (None: only at the end).
+        safe_serialization: write safetensors.
+    """
+
+    def __init__(
+        self, dirpath: str | None = None, every_n_steps: int | None = None, safe_serialization: bool = True
+    ) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}.")
+        self.dirpath = dirpath
+        self.every_n_steps = every_n_steps
+        self.safe_serialization = safe_serialization
+        self._calls = 0
+
+    def _root(self, trainer: pl.Trainer) -> Path:
+        if self.dirpath is not None:
+            return Path(self.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "hf_export"
+
+    def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> Path:
+        """Write the folder ``<root>/<name>`` (rank 0 writes; every rank must call it)."""
+        path = self._root(trainer) / name
+        if trainer.is_global_zero:
+            path.mkdir(parents=True, exist_ok=True)
+            pl_module.policy.save_pretrained(path, safe_serialization=self.safe_serialization)
+            trainer.datamodule.tokenizer.save_pretrained(path)
+            rank_zero_info(f"HFExport: wrote {path}")
+        trainer.strategy.barrier("hf_export")
+        return path
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._calls += 1
+        if self.every_n_steps is not None and self._calls % self.every_n_steps == 0:
+            self.export(trainer, pl_module, f"step_{trainer.global_step}")
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.export(trainer, pl_module, "final")

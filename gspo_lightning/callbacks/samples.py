@@ -1,0 +1,59 @@
+"""`SampleLogger`: sample completions with their rewards as TensorBoard text."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from typing_extensions import override
+
+
+class SampleLogger(Callback):
+    """Writes a markdown table of prompts, completions and rewards to TensorBoard every few steps.
+
+    Args:
+        every_n_steps: rollout batches between two tables.
+        num_samples: rows per table (the first samples of the batch, whole groups first).
+        max_chars: completions are cut to this many characters.
+    """
+
+    def __init__(self, every_n_steps: int = 10, num_samples: int = 8, max_chars: int = 500) -> None:
+        if every_n_steps < 1 or num_samples < 1 or max_chars < 1:
+            raise ValueError("every_n_steps, num_samples and max_chars must all be >= 1.")
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.max_chars = max_chars
+        self._calls = 0
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers):
+            raise RuntimeError(
+                "SampleLogger writes TensorBoard text and needs a TensorBoardLogger; add one"
+                " (trainer.logger: lightning.pytorch.loggers.TensorBoardLogger) or remove the callback."
+            )
+
+    @staticmethod
+    def _cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    def table(self, batch) -> str:
+        lines = ["| # | group | prompt | completion | reward |", "|---|---|---|---|---|"]
+        for i in range(min(self.num_samples, len(batch))):
+            completion = batch.completions[i][: self.max_chars]
+            lines.append(
+                f"| {i} | {int(batch.group_ids[i])} | {self._cell(batch.prompts[i])} | {self._cell(completion)}"
+                f" | {float(batch.rewards[i]):.3f} |"
+            )
+        return "\n".join(lines)
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._calls += 1
+        last = getattr(pl_module, "last_batch", None)
+        if last is None or (self._calls - 1) % self.every_n_steps or not trainer.is_global_zero:
+            return
+        text = self.table(last)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("samples/completions", text, global_step=trainer.global_step)

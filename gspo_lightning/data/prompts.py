@@ -1,0 +1,248 @@
+"""Prompt records and prompt sources: where the RL prompts (and their reference answers) come from.
+
+A :class:`PromptSource` yields two lists of :class:`PromptRecord`: a train split and a held-out split.
+:class:`FilePrompts` reads local JSON / JSONL / Parquet / CSV files through the ``datasets`` library, fully
+offline; the synthetic tasks live in :mod:`gspo_lightning.data.tasks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from gspo_lightning.registry import Registry
+
+FileFormat = Literal["auto", "json", "jsonl", "parquet", "csv"]
+SUFFIX_FORMATS: dict[str, str] = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_BUILDERS: dict[str, str] = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv"}
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt of a split, with its reference answer.
+
+    Attributes:
+        text: the user prompt, before any chat template.
+        answer: the reference answer, ``None`` when the task has none.
+        index: position in its split (stable across runs; used to resume).
+    """
+
+    text: str
+    answer: str | None
+    index: int
+
+
+class PromptSource(ABC):
+    """A dataset of prompts with a train and a held-out split."""
+
+    @abstractmethod
+    def train(self) -> list[PromptRecord]:
+        """The training prompts, ``index`` running 0..n-1."""
+
+    @abstractmethod
+    def validation(self) -> list[PromptRecord]:
+        """The held-out prompts (may be empty), ``index`` running 0..n-1."""
+
+
+PROMPT_SOURCES: Registry[PromptSource] = Registry("prompt source", PromptSource)
+
+
+def answer_to_str(value: Any, where: str) -> str | None:
+    """Convert a reference answer to text: ``57`` and ``57.0`` both give ``"57"``; ``None`` stays ``None``.
+
+    Raises:
+        ValueError: the answer is a list, dict or other non-scalar value (``where`` names the row).
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        return str(int(value)) if value.is_integer() else repr(value)
+    raise ValueError(
+        f"The answer at {where} is a {type(value).__name__} ({value!r:.80}); answers must be strings or"
+        " numbers. Flatten the column to one answer per row, or set answer_column=None."
+    )
+
+
+@contextlib.contextmanager
+def _quiet_offline_datasets() -> Iterator[Any]:
+    """Import ``datasets`` with the hub switched off and progress bars hidden, restoring both afterwards."""
+    import datasets
+    from datasets import config as ds_config
+
+    offline, bars_off = ds_config.HF_HUB_OFFLINE, datasets.are_progress_bars_disabled()
+    ds_config.HF_HUB_OFFLINE = True
+    datasets.disable_progress_bars()
+    try:
+        yield datasets
+    finally:
+        ds_config.HF_HUB_OFFLINE = offline
+        if not bars_off:
+            datasets.enable_progress_bars()
+
+
+def resolve_format(path: Path, format: FileFormat) -> str:
+    """The ``datasets`` builder name for ``path``: from ``format``, or from the file extension when "auto"."""
+    if format != "auto":
+        if format not in _BUILDERS:
+            raise ValueError(f"Unknown format {format!r}; use one of 'auto', {', '.join(map(repr, _BUILDERS))}.")
+        return _BUILDERS[format]
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIX_FORMATS:
+        raise ValueError(
+            f"Cannot tell the format of {str(path)!r} from its extension {suffix or '(none)'!r}. Supported"
+            f" extensions: {', '.join(SUFFIX_FORMATS)}. Rename the file or pass"
+            " format='json'|'jsonl'|'parquet'|'csv'."
+        )
+    return SUFFIX_FORMATS[suffix]
+
+
+@PROMPT_SOURCES.register
+class FilePrompts(PromptSource):
+    """Prompts from a local JSON / JSONL / Parquet / CSV file, one row per prompt.
+
+    Args:
+        path: the training file.
+        prompt_column: column holding the prompt text.
+        answer_column: column holding the reference answer; ``None`` when there is none.
+        val_path: a separate held-out file (same columns). When ``None``, ``val_size`` rows of ``path`` are
+            held out.
+        val_size: rows to hold out from ``path``: an int is a row count, a float in (0, 1) a fraction.
+        seed: seed of the deterministic train / held-out split.
+        format: file format; "auto" reads it from the extension.
+        cache_dir: where ``datasets`` keeps its Arrow cache; ``None`` uses its default.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        prompt_column: str = "prompt",
+        answer_column: str | None = "answer",
+        val_path: str | None = None,
+        val_size: int | float = 0,
+        seed: int = 0,
+        format: FileFormat = "auto",
+        cache_dir: str | None = None,
+    ) -> None:
+        if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or val_size < 0:
+            raise ValueError(f"val_size must be a row count (int >= 0) or a fraction in (0, 1); got {val_size!r}.")
+        if isinstance(val_size, float) and val_size >= 1:
+            raise ValueError(f"val_size={val_size!r}: a float is a fraction in (0, 1); pass an int for a row count.")
+        if val_path is not None and val_size:
+            raise ValueError("Pass either val_path (a held-out file) or val_size (rows split off path), not both.")
+        self.path = Path(path).expanduser()
+        self.val_path = Path(val_path).expanduser() if val_path is not None else None
+        self.prompt_column = prompt_column
+        self.answer_column = answer_column
+        self.val_size = val_size
+        self.seed = seed
+        self.format = format
+        self.cache_dir = cache_dir
+        resolve_format(self.path, format)  # fail early on an unknown extension
+        if self.val_path is not None:
+            resolve_format(self.val_path, format)
+        self._splits: tuple[list[PromptRecord], list[PromptRecord]] | None = None
+
+    def train(self) -> list[PromptRecord]:
+        return self._load()[0]
+
+    def validation(self) -> list[PromptRecord]:
+        return self._load()[1]
+
+    def _load(self) -> tuple[list[PromptRecord], list[PromptRecord]]:
+        if self._splits is None:
+            rows = self._read(self.path)
+            if self.val_path is not None:
+                train_rows, val_rows = rows, self._read(self.val_path)
+            else:
+                train_rows, val_rows = self._split(rows)
+            self._splits = (_to_records(train_rows), _to_records(val_rows))
+        return self._splits
+
+    def _split(self, rows: list[tuple[str, str | None]]) -> tuple[list, list]:
+        n = len(rows)
+        if not self.val_size:
+            return rows, []
+        n_val = self.val_size if isinstance(self.val_size, int) else max(1, round(n * self.val_size))
+        if n_val >= n:
+            raise ValueError(
+                f"val_size={self.val_size!r} holds out {n_val} of the {n} rows of {str(self.path)!r},"
+                " leaving no training prompts. Lower val_size or pass a separate val_path."
+            )
+        held_out = set(random.Random(self.seed).sample(range(n), n_val))
+        train = [row for i, row in enumerate(rows) if i not in held_out]
+        return train, [rows[i] for i in sorted(held_out)]
+
+    def _read(self, path: Path) -> list[tuple[str, str | None]]:
+        if not path.is_file():
+            what = "is a directory, not a file" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"Prompt file {str(path)!r} {what}. Check the path (relative to {Path.cwd()}).")
+        builder = resolve_format(path, self.format)
+        if path.stat().st_size == 0:
+            raise ValueError(_no_rows(path))
+        with _quiet_offline_datasets() as datasets:
+            try:
+                ds = datasets.load_dataset(
+                    builder, data_files=str(path.resolve()), split="train", cache_dir=self.cache_dir
+                )
+            except Exception as err:  # datasets raises many types (ArrowInvalid, DatasetGenerationError, ...)
+                if "corresponds to no data" in str(err):  # e.g. a CSV with only a header
+                    raise ValueError(_no_rows(path)) from err
+                raise ValueError(f"Could not read {str(path)!r} as {builder}: {err}") from err
+        if len(ds) == 0:
+            raise ValueError(_no_rows(path))
+        columns = list(ds.column_names)
+        for column, argument in (
+            (self.prompt_column, "prompt_column"),
+            (self.answer_column, "answer_column"),
+        ):
+            if column is not None and column not in columns:
+                hint = (
+                    " (or answer_column=None if there are no reference answers)" if argument == "answer_column" else ""
+                )
+                raise ValueError(
+                    f"{str(path)!r} has no column {column!r}; its columns are {columns}."
+                    f" Set {argument}= to one of them{hint}."
+                )
+        prompts = ds.data.column(self.prompt_column).to_pylist()
+        _check_prompts(prompts, path, self.prompt_column)
+        if self.answer_column is None:
+            return [(p, None) for p in prompts]
+        answers = ds.data.column(self.answer_column).to_pylist()
+        return [(p, answer_to_str(a, f"row {i} of {str(path)!r}")) for i, (p, a) in enumerate(zip(prompts, answers))]
+
+
+def _no_rows(path: Path) -> str:
+    return f"Prompt file {str(path)!r} has no rows. Point path at a file with prompts."
+
+
+def _check_prompts(prompts: Sequence[Any], path: Path, column: str) -> None:
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        first = prompts[bad[0]]
+        raise ValueError(
+            f"Column {column!r} of {str(path)!r} must hold strings, but {len(bad)} row(s) do not (first: row"
+            f" {bad[0]}, a {type(first).__name__}: {first!r:.80}). Fix those rows or pick another"
+            " prompt_column."
+        )
+    blank = [i for i, p in enumerate(prompts) if not p.strip()]
+    if blank:
+        raise ValueError(
+            f"Column {column!r} of {str(path)!r} has {len(blank)} empty prompt(s) (first: row {blank[0]})."
+            " Remove those rows."
+        )
+
+
+def _to_records(rows: list[tuple[str, str | None]]) -> list[PromptRecord]:
+    return [PromptRecord(text=text, answer=answer, index=i) for i, (text, answer) in enumerate(rows)]

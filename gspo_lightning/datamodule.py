@@ -1,0 +1,283 @@
+"""`RolloutDataModule`: B prompts x G samples per step, generated, scored and batched on the data side."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from gspo_lightning.batch import RolloutBatch
+from gspo_lightning.data.encode import EncodedPrompt, encode_prompts
+from gspo_lightning.data.prompts import PromptSource
+from gspo_lightning.data.tasks import AdditionTask
+from gspo_lightning.engines.base import RolloutEngine, SamplingConfig
+from gspo_lightning.engines.transformers_engine import TransformersEngine
+from gspo_lightning.models import load_tokenizer
+from gspo_lightning.rewards.answer import ExactMatchReward
+from gspo_lightning.rewards.base import Reward, RewardInputs
+from gspo_lightning.rollout import RolloutCollector, decode_responses
+
+DEFAULT_SAMPLING = SamplingConfig(temperature=1.0, max_new_tokens=8)
+
+
+@dataclass
+class EvalResult:
+    """Held-out evaluation of n prompts: greedy and k sampled completions each, scored for correctness.
+
+    Attributes:
+        greedy_correct: (n,) bool.
+        sampled_correct: (n, k) bool (k may be 0).
+    """
+
+    greedy_correct: Tensor
+    sampled_correct: Tensor
+
+    def __len__(self) -> int:
+        return self.greedy_correct.shape[0]
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _RolloutStream(IterableDataset):
+    def __init__(self, datamodule: RolloutDataModule) -> None:
+        self.datamodule = datamodule
+
+    def __iter__(self) -> Iterator[RolloutBatch]:
+        while True:
+            yield self.datamodule.next_rollout()
+
+
+class _EvalStream(IterableDataset):
+    def __init__(self, datamodule: RolloutDataModule, prompts: list[EncodedPrompt]) -> None:
+        self.datamodule = datamodule
+        self.prompts = prompts
+
+    def __iter__(self) -> Iterator[EvalResult]:
+        size = self.datamodule.val_batch_size
+        for start in range(0, len(self.prompts), size):
+            yield self.datamodule.evaluate(self.prompts[start : start + size])
+
+
+class RolloutDataModule(pl.LightningDataModule):
+    """Produces :class:`RolloutBatch`es: prompts -> rollout engine (G samples each) -> rewards -> batch.
+
+    Each training step draws ``prompts_per_step`` prompts in total, split evenly over the data-parallel
+    ranks (each rank generates for its own share), in a seeded order reshuffled every pass over the data.
+    The position in that order is saved in checkpoints, so a resumed run continues with the next prompts.
+
+    Args:
+        prompts: where prompts come from (default: the built-in 2-digit :class:`AdditionTask`).
+        rewards: reward functions summed with ``reward_weights`` (default: ``[ExactMatchReward()]``).
+        reward_weights: one weight per reward (default 1 each).
+        accuracy_reward: scores held-out completions; a score > 0 counts as correct (default: the first
+            reward).
+        engine: the rollout engine (default: :class:`TransformersEngine`).
+        tokenizer: tokenizer path or hub id (normally linked to the model's).
+        prompts_per_step: B, prompts per training step over all ranks.
+        num_samples: G, completions per prompt.
+        sampling: temperature, top-p, top-k, max new tokens.
+        max_prompt_length: longer prompts are dropped (with a count) or rejected, see ``on_overlong``.
+        on_overlong: ``"drop"`` or ``"error"``.
+        chat_template: apply the tokenizer's chat template (None: when it has one).
+        system_prompt: system message for chat templates.
+        dynamic_sampling: DAPO dynamic sampling, replace groups whose rewards are all equal.
+        max_sampling_rounds: generation rounds per step allowed for dynamic sampling.
+        val_size: evaluate at most this many held-out prompts (None: all).
+        val_num_samples: k sampled completions per held-out prompt for sampled accuracy and pass@k.
+        val_batch_size: held-out prompts per generation call.
+        seed: seed of the prompt order.
+    """
+
+    def __init__(
+        self,
+        prompts: PromptSource | None = None,
+        rewards: list[Reward] | None = None,
+        reward_weights: list[float] | None = None,
+        accuracy_reward: Reward | None = None,
+        engine: RolloutEngine | None = None,
+        tokenizer: str | None = None,
+        prompts_per_step: int = 32,
+        num_samples: int = 8,
+        sampling: SamplingConfig = DEFAULT_SAMPLING,
+        max_prompt_length: int = 512,
+        on_overlong: Literal["drop", "error"] = "drop",
+        chat_template: bool | None = None,
+        system_prompt: str | None = None,
+        dynamic_sampling: bool = False,
+        max_sampling_rounds: int = 3,
+        val_size: int | None = None,
+        val_num_samples: int = 4,
+        val_batch_size: int = 128,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if prompts_per_step < 1 or num_samples < 1:
+            raise ValueError(f"prompts_per_step and num_samples must be >= 1, got {prompts_per_step}, {num_samples}.")
+        if num_samples < 2:
+            raise ValueError("num_samples (G) must be >= 2: group-relative advantages need at least two samples.")
+        self.source = prompts if prompts is not None else AdditionTask()
+        self.rewards = list(rewards) if rewards else [ExactMatchReward()]
+        if reward_weights is not None and len(reward_weights) != len(self.rewards):
+            raise ValueError(
+                f"reward_weights has {len(reward_weights)} entries for {len(self.rewards)} rewards; give one each."
+            )
+        self.reward_weights = reward_weights
+        self.accuracy_reward = accuracy_reward or self.rewards[0]
+        self.engine = engine if engine is not None else TransformersEngine()
+        self.tokenizer_path = tokenizer
+        self.prompts_per_step = prompts_per_step
+        self.num_samples = num_samples
+        self.sampling = sampling
+        self.max_prompt_length = max_prompt_length
+        self.on_overlong = on_overlong
+        self.chat_template = chat_template
+        self.system_prompt = system_prompt
+        self.dynamic_sampling = dynamic_sampling
+        self.max_sampling_rounds = max_sampling_rounds
+        self.val_size = val_size
+        self.val_num_samples = val_num_samples
+        self.val_batch_size = val_batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.cursor = 0
+        self.steps = 0
+        self.tokenizer = None
+        self._train: list[EncodedPrompt] | None = None
+        self._val: list[EncodedPrompt] = []
+        self.dropped_prompts = 0
+
+    # -- set-up -----------------------------------------------------------------------------------------
+    @property
+    def rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is not None:
+            return
+        if self.tokenizer_path is None:
+            raise ValueError(
+                "RolloutDataModule needs a tokenizer: set data.tokenizer (normally linked to model.model)."
+            )
+        self.tokenizer = load_tokenizer(self.tokenizer_path)
+        rank, world = self.rank_and_world
+        if self.prompts_per_step % world:
+            raise ValueError(
+                f"prompts_per_step={self.prompts_per_step} must be divisible by the {world} data-parallel ranks."
+            )
+        encode = dict(
+            tokenizer=self.tokenizer,
+            max_prompt_length=self.max_prompt_length,
+            on_overlong=self.on_overlong,
+            chat_template=self.chat_template,
+            system_prompt=self.system_prompt,
+        )
+        train, dropped = encode_prompts(self.source.train(), **encode)
+        self.dropped_prompts = dropped
+        if len(train) < world:
+            raise ValueError(f"Only {len(train)} training prompts for {world} ranks.")
+        self._train = train
+        val_records = self.source.validation()[: self.val_size]
+        self._val = encode_prompts(val_records, **encode)[0][rank::world] if val_records else []
+        self.engine.configure(self.sampling, self.tokenizer)
+        self.collector = RolloutCollector(
+            engine=self.engine,
+            tokenizer=self.tokenizer,
+            rewards=self.rewards,
+            reward_weights=self.reward_weights,
+            num_samples=self.num_samples,
+            max_new_tokens=self.sampling.max_new_tokens,
+            dynamic_sampling=self.dynamic_sampling,
+            max_sampling_rounds=self.max_sampling_rounds,
+        )
+
+    def bind_policy(self, policy: nn.Module) -> None:
+        """Give the engine the policy to generate with (called by the module when a run starts)."""
+        self.engine.bind(policy)
+
+    def sync_weights(self, policy: nn.Module) -> None:
+        """Send the updated weights to the engine (called by the module after its optimizer steps)."""
+        self.engine.sync_weights(policy)
+
+    # -- training prompts ---------------------------------------------------------------------------------
+    def _rank_order(self, epoch: int) -> list[EncodedPrompt]:
+        rank, world = self.rank_and_world
+        assert self._train is not None
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self._train), generator=g)
+        per_rank = len(self._train) // world
+        return [self._train[i] for i in order[rank::world][:per_rank].tolist()]
+
+    def next_prompts(self, k: int) -> list[EncodedPrompt]:
+        """The next ``k`` training prompts of this rank, moving on to a reshuffled pass when one ends."""
+        out: list[EncodedPrompt] = []
+        while len(out) < k:
+            order = self._rank_order(self.epoch)
+            take = order[self.cursor : self.cursor + k - len(out)]
+            out.extend(take)
+            self.cursor += len(take)
+            if self.cursor >= len(order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+        return out
+
+    def next_rollout(self) -> RolloutBatch:
+        """Generate, score and assemble this rank's next rollout batch."""
+        _, world = self.rank_and_world
+        batch = self.collector.collect(self.next_prompts, self.prompts_per_step // world)
+        self.steps += 1
+        batch.metrics["rollout/epoch"] = float(self.epoch)
+        return batch
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_RolloutStream(self), batch_size=None, collate_fn=_identity, num_workers=0)
+
+    # -- held-out evaluation -----------------------------------------------------------------------------
+    def evaluate(self, prompts: list[EncodedPrompt]) -> EvalResult:
+        """Greedy and sampled correctness of ``prompts`` under the current policy."""
+        greedy = self._correct(prompts, 1, greedy=True)[:, 0]
+        k = self.val_num_samples
+        sampled = self._correct(prompts, k, greedy=False) if k > 0 else torch.zeros(len(prompts), 0, dtype=torch.bool)
+        return EvalResult(greedy_correct=greedy, sampled_correct=sampled)
+
+    def _correct(self, prompts: list[EncodedPrompt], k: int, greedy: bool) -> Tensor:
+        generation = self.engine.generate([p.input_ids for p in prompts], k, greedy=greedy)
+        inputs = RewardInputs(
+            prompts=[p.record.text for p in prompts for _ in range(k)],
+            completions=decode_responses(self.tokenizer, generation),
+            answers=[p.record.answer for p in prompts for _ in range(k)],
+            response_lengths=generation.response_mask.sum(-1),
+            truncated=generation.truncated,
+            max_new_tokens=self.sampling.max_new_tokens,
+        )
+        return (self.accuracy_reward(inputs) > 0).view(len(prompts), k)
+
+    @property
+    def val_prompts(self) -> list[EncodedPrompt]:
+        """This rank's held-out prompts."""
+        return self._val
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self._val:
+            return []
+        return DataLoader(_EvalStream(self, self._val), batch_size=None, collate_fn=_identity, num_workers=0)
+
+    # -- checkpointing -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "steps": self.steps, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                f"The checkpoint's prompt order used seed {state_dict['seed']}, this run seed {self.seed}:"
+                " resume with the same data.seed to continue where the run stopped."
+            )
+        self.epoch = int(state_dict["epoch"])
+        self.cursor = int(state_dict["cursor"])
+        self.steps = int(state_dict["steps"])

@@ -1,0 +1,148 @@
+"""The embedded demo model: a tiny Qwen3-MoE, supervised warm-up on addition, cached as an HF folder.
+
+``prepare_builtin("tiny-qwen3-moe-addition")`` returns a folder that ``AutoModelForCausalLM`` and
+``AutoTokenizer`` load like any real checkpoint. It is built once per spec and cached under
+``$GSPO_LIGHTNING_CACHE`` (default ``~/.cache/gspo_lightning``); a build is written to a temporary folder
+and renamed into place, so concurrent processes (DDP ranks, parallel tests) never see half a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from gspo_lightning.data.tasks import AdditionTask
+from gspo_lightning.demo.tokenizer import build_char_tokenizer
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """Architecture and warm-up of a built-in demo model."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    num_experts: int = 8
+    experts_per_token: int = 2
+    expert_size: int = 64
+    num_digits: int = 2
+    sft_steps: int = 700
+    sft_batch_size: int = 64
+    sft_lr: float = 5e-3
+    seed: int = 0
+    version: int = 1
+
+
+BUILTINS: dict[str, DemoSpec] = {
+    "tiny-qwen3-moe-addition": DemoSpec(),
+    # no warm-up: for tests that only need a loadable model
+    "tiny-qwen3-moe-random": DemoSpec(sft_steps=0),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("GSPO_LIGHTNING_CACHE", Path.home() / ".cache" / "gspo_lightning"))
+
+
+def build_model(spec: DemoSpec, vocab_size: int, pad_id: int, eos_id: int, bos_id: int) -> Qwen3MoeForCausalLM:
+    """A randomly initialised tiny Qwen3-MoE."""
+    config = Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.expert_size * 2,
+        moe_intermediate_size=spec.expert_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        head_dim=spec.hidden_size // spec.num_heads,
+        num_experts=spec.num_experts,
+        num_experts_per_tok=spec.experts_per_token,
+        max_position_embeddings=64,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=bos_id,
+        tie_word_embeddings=True,
+        router_aux_loss_coef=0.01,
+    )
+    torch.manual_seed(spec.seed)
+    return Qwen3MoeForCausalLM(config)
+
+
+def supervised_warmup(model: Qwen3MoeForCausalLM, tokenizer, spec: DemoSpec) -> None:
+    """Teach the answer format ``a+b=c<eos>`` with a short cross-entropy run on completion tokens only."""
+    if spec.sft_steps == 0:
+        return
+    task = AdditionTask(num_digits=spec.num_digits, seed=spec.seed)
+    examples = task.sft_examples(spec.sft_steps * spec.sft_batch_size, seed=spec.seed)
+    eos = tokenizer.eos_token
+    prompts = [p for p, _ in examples]
+    full = [p + c + eos for p, c in examples]
+    enc = tokenizer(full, padding=True, return_tensors="pt", add_special_tokens=False)
+    prompt_len = torch.tensor([len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]])
+    ids, mask = enc["input_ids"], enc["attention_mask"].bool()
+    width = ids.shape[1]
+    # left padding: a token is part of the completion when it lies after the prompt's last token
+    start = width - mask.sum(1) + prompt_len
+    labels = ids.masked_fill(torch.arange(width)[None, :] < start[:, None], -100)
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / spec.sft_steps)
+    model.train()
+    for step in range(spec.sft_steps):
+        rows = slice(step * spec.sft_batch_size, (step + 1) * spec.sft_batch_size)
+        out = model(
+            input_ids=ids[rows],
+            attention_mask=mask[rows].long(),
+            position_ids=positions[rows],
+            labels=labels[rows],
+        )
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def _spec_hash(spec: DemoSpec) -> str:
+    return hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def prepare_builtin(name: str, root: Path | None = None) -> Path:
+    """The cached folder of built-in model ``name``, built (and warmed up) on first use."""
+    if name not in BUILTINS:
+        raise ValueError(f"Unknown built-in model {name!r}. Built-ins: {', '.join(sorted(BUILTINS))}.")
+    spec = BUILTINS[name]
+    target = (root or cache_root()) / f"{name}-{_spec_hash(spec)}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        alphabet = "0123456789+="
+        tokenizer = build_char_tokenizer(alphabet, save_dir=tmp)
+        model = build_model(
+            spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
+        )
+        supervised_warmup(model, tokenizer, spec)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.save_pretrained(tmp)
+        (tmp / "demo_spec.json").write_text(json.dumps(asdict(spec), indent=2))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first: keep theirs
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

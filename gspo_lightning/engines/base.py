@@ -1,0 +1,124 @@
+"""The rollout-engine interface: prompts in, G sampled completions per prompt out, new weights in.
+
+An engine is owned by the data side (:class:`~gspo_lightning.data.RolloutDataModule`). The training module
+hands it the policy once (``bind``) and after each update that changed the weights (``sync_weights``);
+nothing else flows back from training to generation.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from gspo_lightning.registry import Registry
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling settings shared by every engine (and, for the temperature, by the trainer's log-probs).
+
+    Attributes:
+        temperature: softmax temperature; the trainer divides its logits by the same value so that its
+            log-probs are those of the distribution that was sampled.
+        top_p: nucleus sampling mass (1.0 disables it).
+        top_k: keep the k most likely tokens (0 disables it).
+        max_new_tokens: generation limit T_max; responses that reach it are "truncated".
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for sampling, got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}.")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+
+
+@dataclass
+class Generation:
+    """What an engine returns for N = len(prompts) * num_samples sequences, samples of a prompt adjacent.
+
+    Attributes:
+        prompt_ids: (N, P) left-padded prompt tokens.
+        prompt_mask: (N, P) bool, True on real prompt tokens.
+        response_ids: (N, T) right-padded response tokens (EOS included when generated).
+        response_mask: (N, T) bool, True on generated tokens up to and including EOS.
+        truncated: (N,) bool, True where the limit was hit before EOS (finish reason "length").
+        logprobs: (N, T) the engine's log-probs of the sampled tokens, or None if it does not report them.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    truncated: Tensor
+    logprobs: Tensor | None = None
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        return ["length" if t else "stop" for t in self.truncated.tolist()]
+
+
+class RolloutEngine(ABC):
+    """Base class of rollout engines."""
+
+    def __init__(self) -> None:
+        self.sampling = SamplingConfig()
+
+    def configure(self, sampling: SamplingConfig, tokenizer) -> None:
+        """Called once by the data module with the run's sampling settings and tokenizer."""
+        self.sampling = sampling
+        self.tokenizer = tokenizer
+
+    @abstractmethod
+    def bind(self, policy: nn.Module) -> None:
+        """Attach the training policy (called once when training or validation starts)."""
+
+    @abstractmethod
+    def generate(self, prompt_ids: list[list[int]], num_samples: int, greedy: bool = False) -> Generation:
+        """Sample ``num_samples`` completions for each prompt (greedy decoding when ``greedy``)."""
+
+    def sync_weights(self, policy: nn.Module) -> None:  # noqa: B027 - engines sharing the policy need nothing
+        """Receive the updated policy weights after an optimizer step."""
+
+
+ENGINES: Registry[RolloutEngine] = Registry("engine", RolloutEngine)
+
+
+def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists to (N, P) ids and a bool mask."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.bool)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq) :] = True
+    return ids, mask
+
+
+def response_mask_until_eos(response_ids: Tensor, eos_ids: Tensor, max_new_tokens: int) -> tuple[Tensor, Tensor]:
+    """Mask of real response tokens (up to and including the first EOS) and the truncation flags.
+
+    Args:
+        response_ids: (N, T) generated tokens, possibly with pad after EOS.
+        eos_ids: (E,) token ids that end a response.
+        max_new_tokens: the generation limit.
+    """
+    is_eos = torch.isin(response_ids, eos_ids.to(response_ids.device))
+    # tokens strictly after the first EOS are padding: count EOS seen before each position
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    mask = eos_before == 0
+    has_eos = is_eos.any(dim=1)
+    truncated = ~has_eos & (mask.sum(1) >= max_new_tokens)
+    return mask, truncated

@@ -1,0 +1,79 @@
+"""Rollouts with transformers ``generate`` on the live policy: the embedded engine that runs anywhere."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine, pad_left, response_mask_until_eos
+
+
+@ENGINES.register
+class TransformersEngine(RolloutEngine):
+    """transformers ``generate`` on the training policy itself (no copy, so no weight sync is needed).
+
+    Prompts are left-padded and generated in chunks of ``batch_size`` prompts, each with
+    ``num_return_sequences = G``. The policy is put in eval mode while generating and restored after.
+
+    Args:
+        batch_size: prompts per ``generate`` call (bounds the KV-cache memory); None means all at once.
+        use_cache: use the KV cache while generating.
+    """
+
+    def __init__(self, batch_size: int | None = None, use_cache: bool = True) -> None:
+        super().__init__()
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}.")
+        self.batch_size = batch_size
+        self.use_cache = use_cache
+        self.policy: nn.Module | None = None
+
+    def bind(self, policy: nn.Module) -> None:
+        self.policy = policy
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], num_samples: int, greedy: bool = False) -> Generation:
+        if self.policy is None:
+            raise RuntimeError("TransformersEngine.generate called before bind(policy).")
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        eos = tok.eos_token_id
+        eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos))
+        ids, mask = pad_left(prompt_ids, pad_id)
+        device = next(self.policy.parameters()).device
+        s = self.sampling
+        kwargs = (
+            {"do_sample": False}
+            if greedy
+            else {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
+        )
+        was_training = self.policy.training
+        self.policy.eval()
+        chunks = []
+        step = self.batch_size or len(prompt_ids)
+        try:
+            for start in range(0, len(prompt_ids), step):
+                out = self.policy.generate(
+                    input_ids=ids[start : start + step].to(device),
+                    attention_mask=mask[start : start + step].to(device).long(),
+                    max_new_tokens=s.max_new_tokens,
+                    num_return_sequences=num_samples,
+                    pad_token_id=pad_id,
+                    eos_token_id=eos_ids.tolist(),
+                    use_cache=self.use_cache,
+                    **kwargs,
+                )
+                chunks.append(out[:, ids.shape[1] :].cpu())
+        finally:
+            self.policy.train(was_training)
+        width = max(c.shape[1] for c in chunks)
+        response = torch.cat([nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
+        response_mask, truncated = response_mask_until_eos(response, eos_ids, s.max_new_tokens)
+        response = response.masked_fill(~response_mask, pad_id)
+        return Generation(
+            prompt_ids=ids.repeat_interleave(num_samples, 0),
+            prompt_mask=mask.repeat_interleave(num_samples, 0),
+            response_ids=response,
+            response_mask=response_mask,
+            truncated=truncated,
+        )

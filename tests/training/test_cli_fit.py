@@ -1,0 +1,186 @@
+"""End to end through the real CLI on a tiny model: what a user looks at after ``gspo-lightning fit``."""
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gspo_lightning.cli import cli_main
+
+REQUIRED_TAGS = [
+    "rollout/reward_mean",
+    "rollout/reward_std",
+    "rollout/zero_std_group_frac",
+    "rollout/response_length_mean",
+    "rollout/truncated_frac",
+    "policy/loss",
+    "policy/clip_frac_token",
+    "policy/clip_frac_seq",
+    "policy/ratio_mean",
+    "policy/ratio_max",
+    "policy/entropy",
+    "policy/grad_norm",
+    "time/generate_s",
+    "time/train_s",
+    "throughput/tokens_per_s",
+    "val/accuracy",
+    "moe/load_imbalance",
+    "moe/router_entropy",
+]
+
+
+def tiny_args(root: Path, *extra: str, max_steps: int = 4) -> list[str]:
+    """A run of max_steps / 2 rollout batches of 4 prompts x 4 samples, 2 mini-batches each."""
+    return [
+        "--config",
+        str(Path(__file__).parents[2] / "configs" / "demo.yaml"),
+        "--model.model",
+        "builtin:tiny-qwen3-moe-random",
+        "--model.mini_batches",
+        "2",
+        "--data.prompts.init_args.num_train",
+        "64",
+        "--data.prompts.init_args.num_val",
+        "8",
+        "--data.prompts_per_step",
+        "4",
+        "--data.num_samples",
+        "4",
+        "--data.val_batch_size",
+        "8",
+        "--trainer.max_steps",
+        str(max_steps),
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
+
+
+def scalars(log_dir: Path) -> dict[str, list]:
+    events = sorted(log_dir.glob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard event file in {log_dir}"
+    out: dict[str, list] = {}
+    for path in events:
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend(acc.Scalars(tag))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fit")
+    cli_main(["fit", *tiny_args(root, "--trainer.callbacks+=HFExport")])
+    return root
+
+
+def test_fit_writes_tensorboard_tags_samples_and_report(fitted):
+    log_dir = fitted / "lightning_logs" / "version_0"
+    tags = scalars(log_dir)
+    missing = [t for t in REQUIRED_TAGS if t not in tags]
+    assert not missing, f"missing TensorBoard tags: {missing}"
+    acc = EventAccumulator(str(next(log_dir.glob("events.out.tfevents.*"))))
+    acc.Reload()
+    assert "samples/completions/text_summary" in acc.Tags()["tensors"]
+    report = json.loads((log_dir / "heldout_report.json").read_text())
+    assert set(report) == {"before", "after", "optimizer_steps"} and report["optimizer_steps"] == 4
+    assert (log_dir / "checkpoints" / "last.ckpt").exists()
+
+
+def test_hf_export_loads_with_from_pretrained(fitted):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = fitted / "lightning_logs" / "version_0" / "hf_export" / "final"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ckpt = torch.load(fitted / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    trained = {k.removeprefix("policy."): v for k, v in ckpt["state_dict"].items() if k.startswith("policy.")}
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, trained[name])
+    assert tokenizer.decode(tokenizer("12+34=")["input_ids"]) == "12+34="
+
+
+def test_resume_continues_at_the_right_step_and_prompt(fitted, tmp_path):
+    ckpt_path = fitted / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    assert ckpt["global_step"] == 4
+    state = ckpt["RolloutDataModule"]
+    assert state["steps"] == 2 and state["cursor"] == 8  # 2 rollout batches of 4 prompts
+    cli = cli_main(["fit", *tiny_args(tmp_path, max_steps=8), "--ckpt_path", str(ckpt_path)])
+    assert cli.trainer.global_step == 8
+    assert cli.datamodule.steps == 4 and cli.datamodule.cursor == 16
+    # the prompts the resumed run trained on are the ones after the checkpoint's position
+    order = cli.datamodule._rank_order(0)
+    assert cli.model.last_batch.prompt_index[0].item() == order[12].record.index
+
+
+def test_grpo_preset_stacks_on_the_demo(tmp_path):
+    grpo = Path(__file__).parents[2] / "configs" / "algorithms" / "grpo.yaml"
+    cli = cli_main(["fit", *tiny_args(tmp_path, "--config", str(grpo), max_steps=2)])
+    assert type(cli.model.objective.ratio).__name__ == "TokenRatio"
+    assert cli.model.kl_coef == 0.04 and cli.model.reference is not None
+    assert "policy/kl" in scalars(tmp_path / "lightning_logs" / "version_0")
+
+
+def test_custom_component_and_reward_from_outside_the_package(tmp_path, monkeypatch):
+    (tmp_path / "my_plugins.py").write_text(
+        textwrap.dedent(
+            '''
+            import torch
+            from gspo_lightning import Ratio
+            from gspo_lightning.rewards import Reward
+
+            CALLS = {"ratio": 0, "reward": 0}
+
+
+            class HalfRatio(Ratio):
+                """Half the token log ratio."""
+
+                def forward(self, logprobs, old_logprobs, response_mask):
+                    CALLS["ratio"] += 1
+                    return 0.5 * (logprobs - old_logprobs) * response_mask
+
+
+            class LengthReward(Reward):
+                """Longer is better."""
+
+                def score(self, inputs):
+                    CALLS["reward"] += 1
+                    return inputs.response_lengths.float()
+
+
+            def digit_count(prompts, completions, answers):
+                return [sum(ch.isdigit() for ch in c) for c in completions]
+            '''
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "plugins.yaml"
+    config.write_text(
+        textwrap.dedent(
+            """
+            model:
+              ratio: my_plugins.HalfRatio
+            data:
+              rewards:
+                - my_plugins.LengthReward
+                - class_path: FunctionReward
+                  init_args: {fn: my_plugins.digit_count}
+            """
+        )
+    )
+    cli = cli_main(["fit", *tiny_args(tmp_path, "--config", str(config), max_steps=2)])
+    import my_plugins
+
+    assert my_plugins.CALLS["ratio"] > 0 and my_plugins.CALLS["reward"] > 0
+    assert type(cli.model.objective.ratio).__name__ == "HalfRatio"
+    tags = scalars(tmp_path / "lightning_logs" / "version_0")
+    assert "rollout/reward_LengthReward" in tags and "rollout/reward_digit_count" in tags
