@@ -225,10 +225,14 @@ class GSPOModule(pl.LightningModule):
 
     def prepare_batch(self, batch: RolloutBatch) -> RolloutBatch:
         """Fill in pi_old and reference log-probs, apply KL-in-reward, compute the advantages."""
+        start = time.perf_counter()
         if not self.on_policy or self.kl_in_reward:
             batch.old_logprobs = self._no_grad_logprobs(batch, self.policy)
+        batch.metrics["time/old_logprob_s"] = time.perf_counter() - start
+        start = time.perf_counter()
         if self.reference is not None:
             batch.ref_logprobs = self._no_grad_logprobs(batch, self.reference)
+        batch.metrics["time/ref_logprob_s"] = time.perf_counter() - start
         if self.kl_in_reward and self.objective.kl is not None:
             mask = batch.response_mask
             kl = self.objective.kl(batch.old_logprobs.masked_fill(~mask, 0), batch.ref_logprobs.masked_fill(~mask, 0))

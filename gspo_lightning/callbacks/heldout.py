@@ -11,6 +11,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from gspo_lightning.callbacks._steps import logger_step
+
 
 class HeldOutReport(Callback):
     """Evaluates every held-out prompt (greedy and sampled) when training starts and ends.
@@ -42,18 +44,19 @@ class HeldOutReport(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.before = self._evaluate(trainer, pl_module)
         for logger in trainer.loggers:
-            logger.log_metrics({k: v for k, v in self.before.items() if k != "n"}, step=trainer.global_step)
+            logger.log_metrics({k: v for k, v in self.before.items() if k != "n"}, step=logger_step(trainer))
         rank_zero_info(self._line("held-out accuracy before", self.before))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.after = self._evaluate(trainer, pl_module)
         for logger in trainer.loggers:
-            logger.log_metrics({k: v for k, v in self.after.items() if k != "n"}, step=trainer.global_step)
+            logger.log_metrics({k: v for k, v in self.after.items() if k != "n"}, step=logger_step(trainer))
         report = {"before": self.before, "after": self.after, "optimizer_steps": trainer.global_step}
         rank_zero_info(self.table())
-        if trainer.is_global_zero and trainer.log_dir is not None:
-            path = Path(trainer.log_dir) / "heldout_report.json"
+        log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
+        if trainer.is_global_zero and log_dir is not None:
+            path = Path(log_dir) / "heldout_report.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=2))
 

@@ -8,6 +8,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from gspo_lightning.callbacks._steps import logger_step
+
 
 class MoEMonitor(Callback):
     """Logs router statistics of the last micro-batch of each rollout batch.
@@ -48,12 +50,15 @@ class MoEMonitor(Callback):
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         stats = getattr(pl_module, "moe_stats", None)
-        if not stats or not trainer.is_global_zero:
+        if not stats:
+            return
+        batch_size = len(pl_module.last_batch) if pl_module.last_batch is not None else 1
+        pl_module.log_dict(self.metrics(stats), on_step=True, on_epoch=False, batch_size=batch_size)
+        if not (self.histograms and trainer.is_global_zero):
             return
         for logger in trainer.loggers:
-            logger.log_metrics(self.metrics(stats), step=trainer.global_step)
-            if self.histograms and isinstance(logger, TensorBoardLogger):
+            if isinstance(logger, TensorBoardLogger):
                 for i, layer in enumerate(stats["moe/load"]):
                     logger.experiment.add_histogram(
-                        f"moe/layer_{i}/expert_load", layer, global_step=trainer.global_step
+                        f"moe/layer_{i}/expert_load", layer, global_step=logger_step(trainer)
                     )

@@ -7,6 +7,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
+from gspo_lightning.callbacks._steps import logger_step
+
 
 class SampleLogger(Callback):
     """Writes a markdown table of prompts, completions and rewards to TensorBoard every few steps.
@@ -56,4 +58,4 @@ class SampleLogger(Callback):
         text = self.table(last)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("samples/completions", text, global_step=trainer.global_step)
+                logger.experiment.add_text("samples/completions", text, global_step=logger_step(trainer))

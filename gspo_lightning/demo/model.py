@@ -33,11 +33,11 @@ class DemoSpec:
     num_kv_heads: int = 2
     num_experts: int = 8
     experts_per_token: int = 2
-    expert_size: int = 64
+    expert_size: int = 128
     num_digits: int = 2
-    sft_steps: int = 700
+    sft_steps: int = 600
     sft_batch_size: int = 64
-    sft_lr: float = 5e-3
+    sft_lr: float = 3e-3
     seed: int = 0
     version: int = 1
 

@@ -1,0 +1,88 @@
+"""Run one GSPO update on a fixed rollout batch and save the policy gradient (rank 0).
+
+Usage: python ddp_grad_script.py OUT_FILE DEVICES. With DEVICES=2, Lightning launches a second process
+(DDP on gloo) and each rank trains on its half of the same batch; the saved gradient must equal the one of
+a single process that trains on the whole batch.
+"""
+
+import sys
+
+import lightning.pytorch as pl
+import torch
+
+from gspo_lightning.data import AdditionTask
+from gspo_lightning.datamodule import RolloutDataModule
+from gspo_lightning.module import GSPOModule
+from gspo_lightning.rewards import FunctionReward
+
+MODEL = "builtin:tiny-qwen3-moe-random"
+
+
+def completion_length(prompts, completions, answers):
+    """A reward that varies within groups even for an untrained model."""
+    return [float(len(c)) for c in completions]
+
+
+class FixedHalfData(RolloutDataModule):
+    """Every rank builds the same full batch (same seed, same initial weights) and keeps its half."""
+
+    rank_and_world = property(lambda self: (0, 1))
+
+    def next_rollout(self):
+        torch.manual_seed(123)
+        full = super().next_rollout()
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        per_rank = len(full) // world
+        return full.select(torch.arange(rank * per_rank, (rank + 1) * per_rank))
+
+
+class CaptureGrad(GSPOModule):
+    def __init__(self, out: str, **kwargs):
+        super().__init__(**kwargs)
+        self.out = out
+
+    def _clip_and_norm(self):
+        if self.trainer.is_global_zero:
+            grads = {
+                n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone()
+                for n, p in self.policy.named_parameters()
+            }
+            torch.save(grads, self.out)
+        return super()._clip_and_norm()
+
+
+def main(out: str, devices: int) -> None:
+    data = FixedHalfData(
+        prompts=AdditionTask(num_train=64, num_val=0),
+        rewards=[FunctionReward(completion_length)],
+        tokenizer=MODEL,
+        prompts_per_step=4,
+        num_samples=4,
+    )
+    module = CaptureGrad(
+        out,
+        model=MODEL,
+        mini_batches=1,
+        micro_batch_size=3,
+        aggregation="seq-mean-token-mean",
+        max_grad_norm=None,
+        shuffle_mini_batches=False,
+        old_logprobs="recompute",
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_find_unused_parameters_true" if devices > 1 else "auto",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
