@@ -15,11 +15,12 @@ import platform
 import statistics
 import tempfile
 import time
+import warnings
 
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from gspo_lightning.cli import DEMO_CONFIG, cli_main
+from gspo_lightning.cli import DEMO_CONFIG, EXPECTED_WARNINGS, cli_main
 
 
 class StepTimer(Callback):
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="measured rollout batches")
     parser.add_argument("--warmup", type=int, default=5, help="rollout batches not measured")
     args, extra = parser.parse_known_args()
+    for pattern in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as root:
         cli = cli_main(

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -181,6 +182,11 @@ class RolloutDataModule(pl.LightningDataModule):
         )
         train, dropped = encode_prompts(self.source.train(), **encode)
         self.dropped_prompts = dropped
+        if dropped:
+            rank_zero_warn(
+                f"Dropped {dropped} training prompts longer than max_prompt_length={self.max_prompt_length} tokens"
+                f" ({len(train)} kept). Raise data.max_prompt_length to keep them, or set data.on_overlong=error."
+            )
         if len(train) < world:
             raise ValueError(f"Only {len(train)} training prompts for {world} ranks.")
         self._train = train
@@ -201,6 +207,18 @@ class RolloutDataModule(pl.LightningDataModule):
     def bind_policy(self, policy: nn.Module) -> None:
         """Give the engine the policy to generate with (called by the module when a run starts)."""
         self.engine.bind(policy)
+
+    def _ensure_bound(self) -> None:
+        # Lightning prefetches the first validation batch before any hook of `trainer.validate` runs, so
+        # the module may not have bound its policy yet: take it from the trainer's module then.
+        if not self.engine.is_bound:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            policy = getattr(module, "policy", None)
+            if policy is None:
+                raise RuntimeError(
+                    "The rollout engine has no policy: call datamodule.bind_policy(model) or train with GSPOModule."
+                )
+            self.bind_policy(policy)
 
     def sync_weights(self, policy: nn.Module) -> None:
         """Send the updated weights to the engine (called by the module after its optimizer steps)."""
@@ -229,6 +247,7 @@ class RolloutDataModule(pl.LightningDataModule):
 
     def next_rollout(self) -> RolloutBatch:
         """Generate, score and assemble this rank's next rollout batch."""
+        self._ensure_bound()
         _, world = self.rank_and_world
         batch = self.collector.collect(self.next_prompts, self.prompts_per_step // world)
         self.steps += 1
@@ -241,6 +260,7 @@ class RolloutDataModule(pl.LightningDataModule):
     # -- held-out evaluation -----------------------------------------------------------------------------
     def evaluate(self, prompts: list[EncodedPrompt]) -> EvalResult:
         """Greedy and sampled correctness of ``prompts`` under the current policy."""
+        self._ensure_bound()
         greedy = self._correct(prompts, 1, greedy=True)[:, 0]
         k = self.val_num_samples
         sampled = self._correct(prompts, k, greedy=False) if k > 0 else torch.zeros(len(prompts), 0, dtype=torch.bool)

@@ -84,6 +84,11 @@ class RolloutEngine(ABC):
     def bind(self, policy: nn.Module) -> None:
         """Attach the training policy (called once when training or validation starts)."""
 
+    @property
+    @abstractmethod
+    def is_bound(self) -> bool:
+        """Whether ``bind`` has been called."""
+
     @abstractmethod
     def generate(self, prompt_ids: list[list[int]], num_samples: int, greedy: bool = False) -> Generation:
         """Sample ``num_samples`` completions for each prompt (greedy decoding when ``greedy``)."""

@@ -31,6 +31,10 @@ class TransformersEngine(RolloutEngine):
     def bind(self, policy: nn.Module) -> None:
         self.policy = policy
 
+    @property
+    def is_bound(self) -> bool:
+        return self.policy is not None
+
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], num_samples: int, greedy: bool = False) -> Generation:
         if self.policy is None:

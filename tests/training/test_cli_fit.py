@@ -184,3 +184,38 @@ def test_custom_component_and_reward_from_outside_the_package(tmp_path, monkeypa
     assert type(cli.model.objective.ratio).__name__ == "HalfRatio"
     tags = scalars(tmp_path / "lightning_logs" / "version_0")
     assert "rollout/reward_LengthReward" in tags and "rollout/reward_digit_count" in tags
+
+
+def test_validate_subcommand_reports_accuracy(tmp_path):
+    cli = cli_main(["validate", *tiny_args(tmp_path)])
+    metrics = cli.trainer.callback_metrics
+    assert "val/accuracy" in metrics and "val/accuracy_sampled" in metrics and "val/pass@4" in metrics
+
+
+def test_training_options_run_together(tmp_path):
+    scheduler = (
+        '{"class_path": "torch.optim.lr_scheduler.LinearLR",'
+        ' "init_args": {"start_factor": 1.0, "end_factor": 0.5, "total_iters": 4}}'
+    )
+    cli = cli_main(
+        [
+            "fit",
+            *tiny_args(tmp_path),
+            "--model.gradient_checkpointing",
+            "true",
+            "--model.lr_scheduler",
+            scheduler,
+            "--model.entropy_coef",
+            "0.01",
+            "--model.micro_batch_size",
+            "3",
+            "--model.epochs",
+            "2",
+            "--data.dynamic_sampling",
+            "true",
+        ]
+    )
+    assert cli.trainer.global_step == 4  # 2 mini-batches x 2 epochs per rollout batch: one rollout batch
+    assert cli.model.policy.is_gradient_checkpointing
+    lr = cli.model.optimizers().param_groups[0]["lr"]
+    assert lr == pytest.approx(3e-4 * 0.5)
