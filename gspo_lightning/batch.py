@@ -37,6 +37,8 @@ class RolloutBatch:
         answers: N reference answers (None where the task has none).
         prompt_index: (N,) int64, position of each prompt in its dataset (for resuming and debugging).
         metrics: scalar statistics of how the batch was made (``rollout/*``, ``time/*``), for logging.
+        routing: (N, L, P+T, k) experts chosen by pi_old's L MoE routers at every position (Routing Replay
+            and ``moe/routing_change_frac``), or None.
     """
 
     input_ids: Tensor
@@ -55,6 +57,7 @@ class RolloutBatch:
     answers: list[str | None] = field(default_factory=list)
     prompt_index: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    routing: Tensor | None = None
 
     def __post_init__(self) -> None:
         n, t = self.response_mask.shape

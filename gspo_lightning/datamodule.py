@@ -191,7 +191,9 @@ class RolloutDataModule(pl.LightningDataModule):
             raise ValueError(f"Only {len(train)} training prompts for {world} ranks.")
         self._train = train
         val_records = self.source.validation()[: self.val_size]
-        self._val = encode_prompts(val_records, **encode)[0][rank::world] if val_records else []
+        val = encode_prompts(val_records, **encode)[0] if val_records else []
+        # every rank gets the same number of held-out prompts: sharded forwards and metric syncs are collectives
+        self._val = val[: len(val) // world * world][rank::world]
         self.engine.configure(self.sampling, self.tokenizer)
         self.collector = RolloutCollector(
             engine=self.engine,

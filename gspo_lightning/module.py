@@ -18,6 +18,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
 
 from gspo_lightning.batch import RolloutBatch
@@ -27,10 +28,12 @@ from gspo_lightning.components.clip import Clip, PPOClip
 from gspo_lightning.components.kl import K3KL, KL
 from gspo_lightning.components.objective import PolicyObjective
 from gspo_lightning.components.ratio import Ratio, SequenceRatio
+from gspo_lightning.distributed import shard_fsdp2
 from gspo_lightning.logprobs import response_logprobs
 from gspo_lightning.models import DType, load_causal_lm
 from gspo_lightning.moe import moe_layout, router_stats
 from gspo_lightning.ops import seq_sum
+from gspo_lightning.routing import RoutingController, routing_change_frac
 from gspo_lightning.training import MetricAccumulator, mini_batch_indices
 
 OldLogprobs = Literal["auto", "recompute"]
@@ -69,6 +72,13 @@ class GSPOModule(pl.LightningModule):
         optimizer: optimizer factory (default ``AdamW(lr=1e-6, weight_decay=0.0)``).
         lr_scheduler: scheduler factory, stepped once per optimizer step (default: constant).
         shuffle_mini_batches: shuffle sequences before splitting into mini-batches.
+        routing_replay: MoE Routing Replay (GSPO paper §5.3): record the experts pi_old chose for every token
+            and force them in the training forwards of that rollout batch. Off by default; any ratio.
+        track_routing_change: log ``moe/routing_change_frac``, the fraction of (response token, MoE layer)
+            pairs whose top-k experts changed between pi_old and the current policy (needs the pi_old pass,
+            so it is measured when the update is not exactly on-policy, or with replay).
+        fsdp_mixed_precision: under ``ModelParallelStrategy`` (FSDP2): bfloat16 compute, float32 reduction.
+        fsdp_cpu_offload: under FSDP2: keep parameters and optimizer state on the CPU.
     """
 
     def __init__(
@@ -97,6 +107,10 @@ class GSPOModule(pl.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         shuffle_mini_batches: bool = True,
+        routing_replay: bool = False,
+        track_routing_change: bool = True,
+        fsdp_mixed_precision: bool = False,
+        fsdp_cpu_offload: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["ratio", "advantage", "clip", "kl", "optimizer", "lr_scheduler"])
@@ -131,6 +145,9 @@ class GSPOModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.shuffle_mini_batches = shuffle_mini_batches
+        self.routing_replay = routing_replay
+        self.track_routing_change = track_routing_change
+        self.routing: RoutingController | None = None
         self.collect_router_stats = False  # switched on by the MoE monitor callback
         self.moe_stats: dict[str, Tensor] = {}
         self.last_batch: RolloutBatch | None = None
@@ -159,9 +176,29 @@ class GSPOModule(pl.LightningModule):
         self.moe = moe_layout(self.policy.config)
         if self.router_aux_loss_coef > 0 and self.moe is None:
             raise ValueError("router_aux_loss_coef > 0, but the model is not a mixture of experts.")
+        if self.routing_replay and self.moe is None:
+            raise ValueError("routing_replay=True, but the model is not a mixture of experts.")
+        if self.moe is not None and (self.routing_replay or self.track_routing_change):
+            self.routing = RoutingController(self.policy)
         if self.needs_reference and not self._reference:
             ref = load_causal_lm(hp.model, hp.dtype, hp.trust_remote_code, hp.attn_implementation)
             self._reference.append(ref.eval().requires_grad_(False))
+        mesh = self._data_parallel_mesh()
+        if mesh is not None:
+            shard_fsdp2(self.policy, mesh, hp.fsdp_mixed_precision, hp.fsdp_cpu_offload)
+            if self.reference is not None:
+                shard_fsdp2(self.reference, mesh, hp.fsdp_mixed_precision, hp.fsdp_cpu_offload)
+
+    def _data_parallel_mesh(self):
+        """The FSDP2 mesh under ``ModelParallelStrategy``, else None."""
+        trainer = self._trainer
+        if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
+            return None
+        mesh = self.device_mesh
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError("Tensor parallelism is not supported yet: set tensor_parallel_size=1 (FSDP2 only).")
+        return mesh["data_parallel"] if "data_parallel" in names else mesh
 
     @property
     def reference(self) -> torch.nn.Module | None:
@@ -212,22 +249,33 @@ class GSPOModule(pl.LightningModule):
         return list(torch.split(index, size))
 
     @torch.no_grad()
-    def _no_grad_logprobs(self, batch: RolloutBatch, model: torch.nn.Module) -> Tensor:
+    def _no_grad_logprobs(self, batch: RolloutBatch, model: torch.nn.Module, record: bool = False) -> Tensor:
+        """Log-probs in eval mode, micro-batch by micro-batch; with ``record``, pi_old's experts go to
+        ``batch.routing``."""
         was_training = model.training
         model.eval()
+        parts, routing = [], []
         try:
-            parts = [
-                self._forward(batch.select(i), model).logprobs for i in self._micro_batches(torch.arange(len(batch)))
-            ]
+            for index in self._micro_batches(torch.arange(len(batch))):
+                micro = batch.select(index)
+                with self.routing.recording(micro.input_ids) if record else nullcontext():
+                    parts.append(self._forward(micro, model).logprobs)
+                if record:
+                    routing.append(self.routing.recorded())
         finally:
             model.train(was_training)
+        if record:
+            batch.routing = torch.cat(routing)
         return torch.cat(parts)
 
     def prepare_batch(self, batch: RolloutBatch) -> RolloutBatch:
         """Fill in pi_old and reference log-probs, apply KL-in-reward, compute the advantages."""
         start = time.perf_counter()
+        record = self.routing is not None and (self.routing_replay or not self.on_policy)
         if not self.on_policy or self.kl_in_reward:
-            batch.old_logprobs = self._no_grad_logprobs(batch, self.policy)
+            batch.old_logprobs = self._no_grad_logprobs(batch, self.policy, record=record)
+        elif record:  # replay needs pi_old's experts; on-policy, pi_old's log-probs are the training ones
+            self._no_grad_logprobs(batch, self.policy, record=True)
         batch.metrics["time/old_logprob_s"] = time.perf_counter() - start
         start = time.perf_counter()
         if self.reference is not None:
@@ -268,8 +316,10 @@ class GSPOModule(pl.LightningModule):
                 micro = self._micro_batches(torch.arange(len(mini)))
                 for j, micro_index in enumerate(micro):
                     sync = nullcontext() if j == len(micro) - 1 else self._no_backward_sync()
-                    with sync:
-                        loss, step_metrics = self._micro_step(mini.select(micro_index), counts)
+                    part = mini.select(micro_index)
+                    # the routing context spans backward too: gradient checkpointing re-runs the routers
+                    with sync, self._routing_context(part):
+                        loss, step_metrics = self._micro_step(part, counts)
                         # data-parallel strategies average gradients over ranks; the counts are global
                         self.manual_backward(loss * world)
                     metrics.add(step_metrics, weight=len(micro_index))
@@ -281,6 +331,13 @@ class GSPOModule(pl.LightningModule):
         self._datamodule().sync_weights(self.policy)
         train_s = time.perf_counter() - start
         self._log_step(batch, metrics.means(), train_s)
+
+    def _routing_context(self, micro: RolloutBatch):
+        if self.routing is None or micro.routing is None:
+            return nullcontext()
+        if self.routing_replay:
+            return self.routing.replaying(micro.input_ids, micro.routing)
+        return self.routing.recording(micro.input_ids)
 
     def _micro_step(self, micro: RolloutBatch, counts: LossCounts) -> tuple[Tensor, dict[str, Tensor]]:
         want_router = self.moe is not None and (self.router_aux_loss_coef > 0 or self.collect_router_stats)
@@ -302,6 +359,9 @@ class GSPOModule(pl.LightningModule):
                 metrics["moe/aux_loss"] = aux.detach().float()
             if self.collect_router_stats:
                 self.moe_stats = router_stats(out.router_logits, micro.attention_mask, self.moe[1])
+        if self.routing is not None and micro.routing is not None:
+            current = self.routing.recorded()
+            metrics["moe/routing_change_frac"] = routing_change_frac(micro.routing, current, micro.response_mask)
         metrics["policy/loss"] = loss.detach().float()
         return loss, metrics
 

