@@ -51,9 +51,19 @@ def is_sharded(model: nn.Module) -> bool:
     return any(hasattr(p, "full_tensor") for p in model.parameters())
 
 
+def is_zero3(model: nn.Module) -> bool:
+    """True when DeepSpeed ZeRO-3 partitions the parameters (they carry a ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The full (unsharded) state dict on the CPU. A collective call when the model is sharded: every rank
-    must make it; each gets the full weights."""
+    """The full (unsharded) state dict on the CPU. A collective call when the model is sharded (FSDP2
+    DTensors, DeepSpeed ZeRO-3): every rank must make it; each gets the full weights."""
+    if is_zero3(model):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            return {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -69,3 +79,43 @@ def iter_full_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
         if hasattr(value, "full_tensor"):
             value = value.full_tensor()
         yield name, value.detach()
+
+
+def clip_and_norm(trainer, policy: nn.Module, max_norm: float | None) -> Tensor:
+    """Clip the policy's gradients by global norm and return the norm, the way each strategy needs it.
+
+    DeepSpeed clips inside its own step (its config's ``gradient_clipping``): NaN is returned here and the
+    module reads DeepSpeed's norm after the step. FSDP1 computes the norm over all shards through its root
+    wrapper; FSDP2 and plain modules use ``clip_grad_norm_`` (DTensor-aware).
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    limit = max_norm if max_norm is not None else float("inf")
+    if isinstance(trainer.strategy, DeepSpeedStrategy):
+        return torch.full((), float("nan"))
+    if isinstance(trainer.strategy, FSDPStrategy):
+        norm = trainer.model.clip_grad_norm_(limit)
+    else:
+        params = [p for p in policy.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, limit) if params else torch.zeros(())
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm.detach().float()
+
+
+def full_policy_state_dict(trainer, policy: nn.Module) -> dict[str, Tensor]:
+    """The policy's full weights on the CPU (a collective under sharded strategies: every rank calls it).
+
+    Under Lightning's FSDP1 the wrapped root is the LightningModule, so its full state dict is taken and the
+    ``policy.`` prefix removed; FSDP2 DTensors and DeepSpeed ZeRO-3 partitions are gathered by
+    :func:`full_state_dict`.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if trainer is not None and isinstance(trainer.strategy, FSDPStrategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(trainer.model, options=options)
+        return {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+    return full_state_dict(policy)

@@ -9,7 +9,6 @@ equals the whole-batch formula. Finally the new weights go back to the rollout e
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -18,7 +17,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from torch import Tensor
 
 from gspo_lightning.batch import RolloutBatch
@@ -28,13 +27,19 @@ from gspo_lightning.components.clip import Clip, PPOClip
 from gspo_lightning.components.kl import K3KL, KL
 from gspo_lightning.components.objective import PolicyObjective
 from gspo_lightning.components.ratio import Ratio, SequenceRatio
-from gspo_lightning.distributed import shard_fsdp2
+from gspo_lightning.distributed import clip_and_norm, full_policy_state_dict, shard_fsdp2
 from gspo_lightning.logprobs import response_logprobs
 from gspo_lightning.models import DType, load_causal_lm
 from gspo_lightning.moe import moe_layout, router_stats
 from gspo_lightning.ops import seq_sum
 from gspo_lightning.routing import RoutingController, routing_change_frac
-from gspo_lightning.training import MetricAccumulator, mini_batch_indices
+from gspo_lightning.training import (
+    MetricAccumulator,
+    mini_batch_indices,
+    restore_rng_states,
+    rng_states,
+    step_metrics,
+)
 
 OldLogprobs = Literal["auto", "recompute"]
 
@@ -324,8 +329,10 @@ class GSPOModule(pl.LightningModule):
                         self.manual_backward(loss * world)
                     metrics.add(step_metrics, weight=len(micro_index))
                 grad_norm = self._clip_and_norm()
-                metrics.add({"policy/grad_norm": grad_norm}, weight=1)
                 optimizer.step()
+                if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+                    grad_norm = torch.as_tensor(float(self.trainer.model.get_global_grad_norm() or 0.0))
+                metrics.add({"policy/grad_norm": grad_norm}, weight=1)
                 if scheduler is not None:
                     scheduler.step()
         self._datamodule().sync_weights(self.policy)
@@ -359,7 +366,7 @@ class GSPOModule(pl.LightningModule):
                 metrics["moe/aux_loss"] = aux.detach().float()
             if self.collect_router_stats:
                 self.moe_stats = router_stats(out.router_logits, micro.attention_mask, self.moe[1])
-        if self.routing is not None and micro.routing is not None:
+        if self.routing is not None and micro.routing is not None and self.routing.mode != "off":
             current = self.routing.recorded()
             metrics["moe/routing_change_frac"] = routing_change_frac(micro.routing, current, micro.response_mask)
         metrics["policy/loss"] = loss.detach().float()
@@ -370,24 +377,17 @@ class GSPOModule(pl.LightningModule):
         return block() if block is not None else nullcontext()
 
     def _clip_and_norm(self) -> Tensor:
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        max_norm = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
-        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
-            norm = norm.full_tensor()
-        return norm.detach().float()
+        return clip_and_norm(self.trainer, self.policy, self.max_grad_norm)
+
+    def full_policy_state_dict(self) -> dict[str, Tensor]:
+        """The policy's full weights on the CPU, gathered from whatever shards them (a collective)."""
+        return full_policy_state_dict(self.trainer, self.policy)
 
     def _log_step(self, batch: RolloutBatch, policy_metrics: dict[str, Tensor], train_s: float) -> None:
-        generate_s = batch.metrics.get("time/generate_s", 0.0)
-        tokens = float(batch.response_mask.sum())
-        logged: dict[str, float | Tensor] = dict(batch.metrics)
-        logged.update(policy_metrics)
-        logged["time/train_s"] = train_s
-        logged["throughput/tokens_per_s"] = tokens / max(generate_s + train_s, 1e-9)
-        logged["rollout/advantage_abs_mean"] = batch.advantages.abs().mean().item()
-        logged["policy/lr"] = self.optimizers().param_groups[0]["lr"]
-        self.log_dict({k: float(v) for k, v in logged.items()}, on_step=True, on_epoch=False, batch_size=len(batch))
-        self.log("reward", batch.metrics["rollout/reward_mean"], prog_bar=True, logger=False, batch_size=len(batch))
+        lr = self.optimizers().param_groups[0]["lr"]
+        logged = step_metrics(batch, policy_metrics, train_s, lr)
+        self.log_dict(logged, on_step=True, on_epoch=False, batch_size=len(batch))
+        self.log("reward", logged["rollout/reward_mean"], prog_bar=True, logger=False, batch_size=len(batch))
 
     # -- validation -------------------------------------------------------------------------------------
     def validation_step(self, result, batch_idx: int = 0) -> None:
@@ -400,16 +400,8 @@ class GSPOModule(pl.LightningModule):
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        }
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("rng_states")
-        if states:
-            torch.set_rng_state(states["torch"])
-            random.setstate(states["python"])
-            if states.get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(states["cuda"])
+        if checkpoint.get("rng_states"):
+            restore_rng_states(checkpoint["rng_states"])

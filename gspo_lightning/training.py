@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -43,3 +46,34 @@ class MetricAccumulator:
 
     def means(self) -> dict[str, Tensor]:
         return {name: total / max(self._weights[name], 1e-12) for name, total in self._sums.items()}
+
+
+def rng_states() -> dict[str, Any]:
+    """The RNG states a resumed run needs to continue the same random streams."""
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def step_metrics(batch, policy_metrics: dict[str, Tensor], train_s: float, lr: float) -> dict[str, float]:
+    """Everything logged once per rollout batch: rollout statistics, policy metrics, timings, throughput.
+
+    ``throughput/tokens_per_s`` is generated (response) tokens over the step's generation + training time.
+    """
+    generate_s = batch.metrics.get("time/generate_s", 0.0)
+    logged: dict[str, float] = {k: float(v) for k, v in batch.metrics.items()}
+    logged.update({k: float(v) for k, v in policy_metrics.items()})
+    logged["time/train_s"] = train_s
+    logged["throughput/tokens_per_s"] = float(batch.response_mask.sum()) / max(generate_s + train_s, 1e-9)
+    logged["rollout/advantage_abs_mean"] = float(batch.advantages.abs().mean())
+    logged["policy/lr"] = float(lr)
+    return logged

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def _fit(tmp_path: Path, *extra: str) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "gspo_lightning.cli", "fit", *extra, "--trainer.enable_progress_bar", "false"]
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=3000)
     assert result.returncode == 0, result.stderr[-5000:]
     assert "Held-out accuracy on 500 prompts" in result.stdout + result.stderr
     return json.loads((tmp_path / "lightning_logs" / "version_0" / "heldout_report.json").read_text())

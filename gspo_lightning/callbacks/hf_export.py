@@ -9,8 +9,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from gspo_lightning.distributed import full_state_dict
-
 
 class HFExport(Callback):
     """Saves ``save_pretrained`` folders for serving with vLLM or transformers.
@@ -41,7 +39,7 @@ class HFExport(Callback):
         """Write the folder ``<root>/<name>`` (rank 0 writes; every rank must call it)."""
         path = self._root(trainer) / name
         # a collective under FSDP2 (every rank gathers the shards), a plain copy otherwise
-        state_dict = full_state_dict(pl_module.policy)
+        state_dict = pl_module.full_policy_state_dict()
         if trainer.is_global_zero:
             path.mkdir(parents=True, exist_ok=True)
             pl_module.policy.save_pretrained(path, state_dict=state_dict, safe_serialization=self.safe_serialization)

@@ -20,7 +20,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine, SamplingConfig, pad_left
+from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine
+from gspo_lightning.engines.vllm_io import sampling_params_kwargs, to_generation
 from gspo_lightning.engines.vllm_weights import iter_full_weights, load_weights_in_place, vllm_version
 
 log = logging.getLogger(__name__)
@@ -61,65 +62,6 @@ def keep_process_state() -> Iterator[None]:
         set_threads(threads)
         torch.set_rng_state(rng[0])
         random.setstate(rng[1])
-
-
-def sampling_params_kwargs(
-    sampling: SamplingConfig, num_samples: int, greedy: bool, stop_token_ids: list[int], top_k_off: int = 0
-) -> dict[str, Any]:
-    """``vllm.SamplingParams`` arguments, 1:1 from the run's sampling settings (greedy: temperature 0).
-
-    No per-request seed: one seed on every request would make all prompts draw the same random numbers;
-    the engine is seeded once instead. ``logprobs=0`` returns the sampled token's log-prob.
-    """
-    kwargs: dict[str, Any] = {
-        "n": num_samples,
-        "max_tokens": sampling.max_new_tokens,
-        "logprobs": 0,
-        "stop_token_ids": list(stop_token_ids),
-        "detokenize": False,
-    }
-    if greedy:
-        return {**kwargs, "temperature": 0.0}
-    top_k = sampling.top_k if sampling.top_k > 0 else top_k_off
-    return {**kwargs, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": top_k}
-
-
-def to_generation(outputs: list, prompt_ids: list[list[int]], num_samples: int, pad_id: int) -> Generation:
-    """Convert vLLM ``RequestOutput``s (one per prompt, ``num_samples`` completions each) to a :class:`Generation`.
-
-    The layout is the transformers engine's: left-padded prompts repeated G times, samples of a prompt
-    adjacent; right-padded responses whose mask covers every generated token (the stop token included);
-    ``truncated`` where vLLM finished with ``"length"``; the sampled tokens' log-probs, 0 on padding.
-    """
-    if len(outputs) != len(prompt_ids):
-        raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompt_ids)} prompts.")
-    flat = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
-    if len(flat) != len(prompt_ids) * num_samples:
-        raise RuntimeError(f"vLLM returned {len(flat)} completions for {len(prompt_ids)} prompts x {num_samples}.")
-    reasons = {c.finish_reason for c in flat}
-    if not reasons <= {"stop", "length"}:
-        raise RuntimeError(f"vLLM finished requests with {sorted(map(str, reasons))}; expected 'stop' or 'length'.")
-    if any(c.logprobs is None for c in flat):
-        raise RuntimeError("vLLM returned no log-probs; the engine asks for logprobs=0.")
-    lengths = torch.tensor([len(c.token_ids) for c in flat], dtype=torch.long)
-    n, width = len(flat), int(lengths.max()) if flat else 0
-    tokens = torch.tensor([t for c in flat for t in c.token_ids], dtype=torch.long)
-    token_logprobs = torch.tensor(
-        [step[t].logprob for c in flat for step, t in zip(c.logprobs, c.token_ids)], dtype=torch.float32
-    )
-    rows = torch.arange(n).repeat_interleave(lengths)
-    cols = torch.arange(len(tokens)) - (torch.cumsum(lengths, 0) - lengths).repeat_interleave(lengths)
-    response = torch.full((n, width), pad_id, dtype=torch.long).index_put_((rows, cols), tokens)
-    logprobs = torch.zeros(n, width).index_put_((rows, cols), token_logprobs)
-    ids, mask = pad_left(prompt_ids, pad_id)
-    return Generation(
-        prompt_ids=ids.repeat_interleave(num_samples, 0),
-        prompt_mask=mask.repeat_interleave(num_samples, 0),
-        response_ids=response,
-        response_mask=torch.arange(width)[None, :] < lengths[:, None],
-        truncated=torch.tensor([c.finish_reason == "length" for c in flat], dtype=torch.bool),
-        logprobs=logprobs,
-    )
 
 
 @ENGINES.register
@@ -209,7 +151,14 @@ class VLLMEngine(RolloutEngine):
         return self.llm is not None
 
     def shutdown(self) -> None:
-        """Release the engine (vLLM allows one per process)."""
+        """Release the engine and vLLM's process-global state (one engine per process at a time).
+
+        vLLM's teardown also destroys the default ``torch.distributed`` process group: under data
+        parallelism call it only once training is over.
+        """
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if callable(getattr(core, "shutdown", None)):
+            core.shutdown()
         self.llm = None
         self._asleep = set()
         gc.collect()
@@ -242,15 +191,24 @@ class VLLMEngine(RolloutEngine):
             "skip_tokenizer_init": True,  # token ids in, token ids out
             "logprobs_mode": "processed_logprobs",
         }
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # one engine per rank, part of the training job (TRL's colocate recipe): vLLM joins the
             # existing process group instead of starting its own, and tensor-parallel peers share a seed
             kwargs["distributed_executor_backend"] = "external_launcher"
-            kwargs["seed"] = self.seed + torch.distributed.get_rank() // self.tensor_parallel_size
+            kwargs["seed"] = self.seed + dist.get_rank() // self.tensor_parallel_size
         kwargs.update(self.engine_kwargs)
-        with keep_process_state():
-            llm = vllm.LLM(**{k: v for k, v in kwargs.items() if v is not None})
-        self._top_k_off = vllm.SamplingParams().top_k  # vLLM's "disabled" value (0 now, -1 before 0.9)
+        # without a tokenizer vLLM's chat-template warm-up logs a traceback; the engine never renders chats
+        renderer_log = logging.getLogger("vllm.renderers.base")
+        level = renderer_log.level
+        renderer_log.setLevel(logging.ERROR)
+        try:
+            with keep_process_state():
+                llm = vllm.LLM(**{k: v for k, v in kwargs.items() if v is not None})
+        finally:
+            renderer_log.setLevel(level)
+        self._sampling_params = vllm.SamplingParams
+        self._top_k_off = vllm.SamplingParams().top_k  # vLLM's "disabled" value (0 now, -1 in old versions)
         return llm
 
     def _wake(self, tags: tuple[str, ...]) -> None:
@@ -264,12 +222,11 @@ class VLLMEngine(RolloutEngine):
     def generate(self, prompt_ids: list[list[int]], num_samples: int, greedy: bool = False) -> Generation:
         if self.llm is None:
             raise RuntimeError("VLLMEngine.generate called before bind(policy).")
-        vllm = import_vllm()
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         eos = tok.eos_token_id
         stop = [eos] if isinstance(eos, int) else list(eos)
-        params = vllm.SamplingParams(
+        params = self._sampling_params(
             **sampling_params_kwargs(self.sampling, num_samples, greedy, stop, self._top_k_off)
         )
         all_prompts, mine = self._tensor_parallel_prompts(prompt_ids)

