@@ -68,3 +68,18 @@ def tiny_tokenizer(tiny_path):
     from gspo_lightning.models import load_tokenizer
 
     return load_tokenizer(tiny_path)
+
+
+@pytest.fixture()
+def rollout(tiny_path, tiny_model):
+    """One rollout batch of 4 addition prompts x 4 samples from the tiny random MoE."""
+    from gspo_lightning.data import AdditionTask
+    from gspo_lightning.datamodule import RolloutDataModule
+
+    dm = RolloutDataModule(
+        prompts=AdditionTask(num_train=40, num_val=4), tokenizer=tiny_path, prompts_per_step=4, num_samples=4
+    )
+    dm.setup("fit")
+    dm.bind_policy(tiny_model)
+    torch.manual_seed(0)
+    return dm.next_rollout()

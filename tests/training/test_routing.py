@@ -5,21 +5,8 @@ import torch
 
 from gspo_lightning import TokenRatio
 from gspo_lightning.components.aggregation import LossCounts
-from gspo_lightning.data import AdditionTask
-from gspo_lightning.datamodule import RolloutDataModule
 from gspo_lightning.module import GSPOModule
 from gspo_lightning.routing import RoutingController, find_routers, routing_change_frac
-
-
-@pytest.fixture()
-def rollout(tiny_path, tiny_model):
-    dm = RolloutDataModule(
-        prompts=AdditionTask(num_train=40, num_val=4), tokenizer=tiny_path, prompts_per_step=4, num_samples=4
-    )
-    dm.setup("fit")
-    dm.bind_policy(tiny_model)
-    torch.manual_seed(0)
-    return dm.next_rollout()
 
 
 def _module(tiny_path, **kwargs):
