@@ -39,6 +39,8 @@ class RolloutBatch:
         metrics: scalar statistics of how the batch was made (``rollout/*``, ``time/*``), for logging.
         routing: (N, L, P+T, k) experts chosen by pi_old's L MoE routers at every position (Routing Replay
             and ``moe/routing_change_frac``), or None.
+        is_weights: (N, T) rollout/trainer mismatch importance weights pi_old / pi_rollout multiplying each
+            token's loss, or None (see ``components.mismatch``).
     """
 
     input_ids: Tensor
@@ -58,6 +60,7 @@ class RolloutBatch:
     prompt_index: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     routing: Tensor | None = None
+    is_weights: Tensor | None = None
 
     def __post_init__(self) -> None:
         n, t = self.response_mask.shape

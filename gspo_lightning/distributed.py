@@ -119,3 +119,21 @@ def full_policy_state_dict(trainer, policy: nn.Module) -> dict[str, Tensor]:
         state = get_model_state_dict(trainer.model, options=options)
         return {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
     return full_state_dict(policy)
+
+
+def data_parallel_mesh(trainer, device_mesh):
+    """The FSDP2 data-parallel mesh under Lightning's ``ModelParallelStrategy``, else None.
+
+    Args:
+        trainer: the Trainer (or None outside one).
+        device_mesh: a callable returning the module's device mesh (only called under that strategy).
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
+        return None
+    mesh = device_mesh()
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise ValueError("Tensor parallelism is not supported yet: set tensor_parallel_size=1 (FSDP2 only).")
+    return mesh["data_parallel"] if "data_parallel" in names else mesh

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor
 
 from gspo_lightning.batch import RolloutBatch
@@ -25,9 +25,10 @@ from gspo_lightning.components.advantage import Advantage, GroupNormAdvantage
 from gspo_lightning.components.aggregation import AggregationMode, LossCounts, aggregate, masked_metric_mean
 from gspo_lightning.components.clip import Clip, PPOClip
 from gspo_lightning.components.kl import K3KL, KL
+from gspo_lightning.components.mismatch import MismatchCorrection
 from gspo_lightning.components.objective import PolicyObjective
 from gspo_lightning.components.ratio import Ratio, SequenceRatio
-from gspo_lightning.distributed import clip_and_norm, full_policy_state_dict, shard_fsdp2
+from gspo_lightning.distributed import clip_and_norm, data_parallel_mesh, full_policy_state_dict, shard_fsdp2
 from gspo_lightning.logprobs import response_logprobs
 from gspo_lightning.models import DType, load_causal_lm
 from gspo_lightning.moe import moe_layout, router_stats
@@ -35,13 +36,14 @@ from gspo_lightning.ops import seq_sum
 from gspo_lightning.routing import RoutingController, routing_change_frac
 from gspo_lightning.training import (
     MetricAccumulator,
+    correct_mismatch,
     mini_batch_indices,
     restore_rng_states,
     rng_states,
     step_metrics,
 )
 
-OldLogprobs = Literal["auto", "recompute"]
+OldLogprobs = Literal["auto", "recompute", "rollout"]
 
 
 class GSPOModule(pl.LightningModule):
@@ -72,7 +74,11 @@ class GSPOModule(pl.LightningModule):
         temperature: the sampling temperature, so log-probs match the sampled distribution (linked).
         max_new_tokens: the generation limit, ``T_max`` of ``seq-mean-token-sum-norm`` (linked).
         old_logprobs: ``"auto"`` skips the pi_old pass when exactly on-policy (1 mini-batch, 1 epoch: then
-            pi_old = pi_theta); ``"recompute"`` always runs it.
+            pi_old = pi_theta); ``"recompute"`` always runs it; ``"rollout"`` uses the engine's log-probs as
+            pi_old and skips the pass (the GSPO paper notes its sequence ratio tolerates the mismatch).
+        mismatch_correction: importance-sampling correction of the rollout engine's log-probs against the
+            trainer's (``MismatchCorrection``: truncated or masked, token or sequence level); each token's
+            loss is multiplied by its weight. Needs an engine that reports log-probs.
         max_grad_norm: gradient clipping by global norm (None: no clipping; the norm is logged anyway).
         optimizer: optimizer factory (default ``AdamW(lr=1e-6, weight_decay=0.0)``).
         lr_scheduler: scheduler factory, stepped once per optimizer step (default: constant).
@@ -108,6 +114,7 @@ class GSPOModule(pl.LightningModule):
         temperature: float = 1.0,
         max_new_tokens: int | None = None,
         old_logprobs: OldLogprobs = "auto",
+        mismatch_correction: MismatchCorrection | None = None,
         max_grad_norm: float | None = 1.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -118,7 +125,9 @@ class GSPOModule(pl.LightningModule):
         fsdp_cpu_offload: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["ratio", "advantage", "clip", "kl", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(
+            ignore=["ratio", "advantage", "clip", "kl", "optimizer", "lr_scheduler", "mismatch_correction"]
+        )
         if mini_batches < 1 or epochs < 1:
             raise ValueError(f"mini_batches and epochs must be >= 1, got {mini_batches} and {epochs}.")
         if micro_batch_size is not None and micro_batch_size < 1:
@@ -146,6 +155,9 @@ class GSPOModule(pl.LightningModule):
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
         self.old_logprobs_mode = old_logprobs
+        self.mismatch_correction = mismatch_correction
+        if old_logprobs == "rollout" and mismatch_correction is not None:
+            raise ValueError("old_logprobs='rollout' makes pi_old the engine's: there is no mismatch to correct.")
         self.max_grad_norm = max_grad_norm
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -188,22 +200,11 @@ class GSPOModule(pl.LightningModule):
         if self.needs_reference and not self._reference:
             ref = load_causal_lm(hp.model, hp.dtype, hp.trust_remote_code, hp.attn_implementation)
             self._reference.append(ref.eval().requires_grad_(False))
-        mesh = self._data_parallel_mesh()
+        mesh = data_parallel_mesh(self._trainer, lambda: self.device_mesh)
         if mesh is not None:
             shard_fsdp2(self.policy, mesh, hp.fsdp_mixed_precision, hp.fsdp_cpu_offload)
             if self.reference is not None:
                 shard_fsdp2(self.reference, mesh, hp.fsdp_mixed_precision, hp.fsdp_cpu_offload)
-
-    def _data_parallel_mesh(self):
-        """The FSDP2 mesh under ``ModelParallelStrategy``, else None."""
-        trainer = self._trainer
-        if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
-            return None
-        mesh = self.device_mesh
-        names = mesh.mesh_dim_names or ()
-        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
-            raise ValueError("Tensor parallelism is not supported yet: set tensor_parallel_size=1 (FSDP2 only).")
-        return mesh["data_parallel"] if "data_parallel" in names else mesh
 
     @property
     def reference(self) -> torch.nn.Module | None:
@@ -277,11 +278,19 @@ class GSPOModule(pl.LightningModule):
         """Fill in pi_old and reference log-probs, apply KL-in-reward, compute the advantages."""
         start = time.perf_counter()
         record = self.routing is not None and (self.routing_replay or not self.on_policy)
-        if not self.on_policy or self.kl_in_reward:
+        if self.old_logprobs_mode == "rollout":
+            if batch.rollout_logprobs is None:
+                raise ValueError("old_logprobs='rollout' needs an engine that reports log-probs (e.g. VLLMEngine).")
+            if record:
+                self._no_grad_logprobs(batch, self.policy, record=True)
+            batch.old_logprobs = batch.rollout_logprobs
+        elif not self.on_policy or self.kl_in_reward or self.mismatch_correction is not None:
             batch.old_logprobs = self._no_grad_logprobs(batch, self.policy, record=record)
         elif record:  # replay needs pi_old's experts; on-policy, pi_old's log-probs are the training ones
             self._no_grad_logprobs(batch, self.policy, record=True)
         batch.metrics["time/old_logprob_s"] = time.perf_counter() - start
+        if self.old_logprobs_mode != "rollout":
+            correct_mismatch(batch, self.mismatch_correction)
         start = time.perf_counter()
         if self.reference is not None:
             batch.ref_logprobs = self._no_grad_logprobs(batch, self.reference)
@@ -350,7 +359,9 @@ class GSPOModule(pl.LightningModule):
         want_router = self.moe is not None and (self.router_aux_loss_coef > 0 or self.collect_router_stats)
         out = self._forward(micro, self.policy, with_entropy=True, router=want_router)
         old = micro.old_logprobs if micro.old_logprobs is not None else out.logprobs.detach()
-        result = self.objective(out.logprobs, old, micro.advantages, micro.response_mask, micro.ref_logprobs, counts)
+        result = self.objective(
+            out.logprobs, old, micro.advantages, micro.response_mask, micro.ref_logprobs, counts, micro.is_weights
+        )
         loss = result.loss
         metrics = dict(result.metrics)
         mask = micro.response_mask

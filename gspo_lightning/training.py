@@ -77,3 +77,21 @@ def step_metrics(batch, policy_metrics: dict[str, Tensor], train_s: float, lr: f
     logged["rollout/advantage_abs_mean"] = float(batch.advantages.abs().mean())
     logged["policy/lr"] = float(lr)
     return logged
+
+
+def correct_mismatch(batch, correction) -> None:
+    """Log the rollout engine's log-prob gap to pi_old and, with a correction, set ``batch.is_weights``.
+
+    Needs both the trainer's pi_old and the engine's log-probs; does nothing otherwise.
+    """
+    if batch.rollout_logprobs is None or batch.old_logprobs is None:
+        return
+    if correction is not None:
+        out = correction(batch.old_logprobs, batch.rollout_logprobs, batch.response_mask)
+        batch.is_weights = out.weights
+        batch.metrics.update({k: float(v) for k, v in out.metrics.items()})
+        return
+    gap = (batch.old_logprobs - batch.rollout_logprobs).abs()[batch.response_mask]
+    if gap.numel():
+        batch.metrics["sampling/logprob_diff_mean"] = float(gap.mean())
+        batch.metrics["sampling/logprob_diff_max"] = float(gap.max())

@@ -83,6 +83,7 @@ class PolicyObjective(nn.Module):
         response_mask: Tensor,
         ref_logprobs: Tensor | None = None,
         counts: LossCounts | None = None,
+        token_weights: Tensor | None = None,
     ) -> ObjectiveOutput:
         """Compute the loss of one (micro-)batch.
 
@@ -93,6 +94,8 @@ class PolicyObjective(nn.Module):
             response_mask: (N, T) bool.
             ref_logprobs: (N, T) log pi_ref; needed when ``kl_coef > 0``.
             counts: global denominators when this is one part of a larger batch (see ``aggregate``).
+            token_weights: (N, T) detached weights multiplying each token's policy loss before aggregation
+                (rollout/trainer mismatch importance sampling, ``components.mismatch``).
         """
         mask = response_mask.bool()
         lp = masked_fill_padding(logprobs, mask)
@@ -101,7 +104,8 @@ class PolicyObjective(nn.Module):
             advantages = masked_fill_padding(advantages, mask)
         log_ratio = self.ratio(lp, old, mask)
         out = self.clip(log_ratio, advantages)
-        pg_loss = aggregate(out.loss, mask, self.aggregation, counts, self.max_len)
+        per_token = out.loss if token_weights is None else out.loss * token_weights.detach()
+        pg_loss = aggregate(per_token, mask, self.aggregation, counts, self.max_len)
         loss = pg_loss
         metrics = self._clip_metrics(out.ratio, out.clipped_low, out.clipped_high, mask)
         metrics["policy/pg_loss"] = pg_loss.detach().float()

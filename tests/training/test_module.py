@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gspo_lightning import K1KL, ContrastAdvantage, TokenRatio
+from gspo_lightning import K1KL, ContrastAdvantage, LossCounts, TokenRatio
 from gspo_lightning.module import GSPOModule
 
 
@@ -89,3 +89,43 @@ def test_bad_module_options(tiny_path):
         GSPOModule(model=tiny_path, mini_batches=0)
     with pytest.raises(ValueError, match="micro_batch_size"):
         GSPOModule(model=tiny_path, micro_batch_size=0)
+
+
+def _with_engine_logprobs(module, batch, shift: float):
+    """Give the batch engine log-probs that differ from the trainer's by ``shift`` per token."""
+    trainer_lp = module._no_grad_logprobs(batch, module.policy)
+    batch.rollout_logprobs = trainer_lp - shift
+    return trainer_lp
+
+
+def test_rollout_logprobs_can_stand_in_for_pi_old(tiny_path, rollout):
+    module = _module(tiny_path, mini_batches=2, old_logprobs="rollout")
+    engine_lp = _with_engine_logprobs(module, rollout, 0.1)
+    batch = module.prepare_batch(rollout)
+    torch.testing.assert_close(batch.old_logprobs, engine_lp - 0.1)
+    with pytest.raises(ValueError, match="reports log-probs"):
+        rollout.rollout_logprobs = None
+        module.prepare_batch(rollout)
+
+
+def test_mismatch_is_logged_and_corrected(tiny_path, rollout):
+    from gspo_lightning.components.mismatch import MismatchCorrection
+
+    plain = _module(tiny_path, mini_batches=2)
+    _with_engine_logprobs(plain, rollout, 0.5)
+    batch = plain.prepare_batch(rollout)
+    assert batch.metrics["sampling/logprob_diff_mean"] == pytest.approx(0.5, abs=1e-4)
+    assert batch.is_weights is None
+    corrected = _module(tiny_path, mini_batches=2, mismatch_correction=MismatchCorrection("token", "truncate", 1.2))
+    batch = corrected.prepare_batch(rollout)
+    # weight exp(old - rollout) = exp(0.5) = 1.65, truncated at 1.2 on every real token
+    torch.testing.assert_close(
+        batch.is_weights[batch.response_mask], torch.full_like(batch.is_weights[batch.response_mask], 1.2)
+    )
+    assert "sampling/is_weight_mean" in batch.metrics
+    batch.advantages = torch.linspace(-1, 1, len(batch))
+    counts = LossCounts.from_mask(batch.response_mask)
+    weighted, _ = corrected._micro_step(batch, counts)
+    batch.is_weights = None
+    unweighted, _ = corrected._micro_step(batch, counts)
+    torch.testing.assert_close(weighted, 1.2 * unweighted)
