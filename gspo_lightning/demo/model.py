@@ -136,7 +136,8 @@ def prepare_builtin(name: str, root: Path | None = None) -> Path:
         supervised_warmup(model, tokenizer, spec)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.save_pretrained(tmp)
+        # is_main_process: under torch.distributed transformers would otherwise write on rank 0 only
+        model.save_pretrained(tmp, is_main_process=True)
         (tmp / "demo_spec.json").write_text(json.dumps(asdict(spec), indent=2))
         try:
             tmp.rename(target)

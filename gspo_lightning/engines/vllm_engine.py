@@ -46,6 +46,10 @@ def import_vllm():
     return vllm
 
 
+def _skip_chat_warmup(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Chat template warmup failed")
+
+
 @contextlib.contextmanager
 def keep_process_state() -> Iterator[None]:
     """Undo what building an in-process vLLM worker does to the trainer's process.
@@ -192,21 +196,30 @@ class VLLMEngine(RolloutEngine):
             "logprobs_mode": "processed_logprobs",
         }
         dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world % self.tensor_parallel_size:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} needs one process per GPU under torch.distributed"
+                f" (torchrun, Lightning DDP/FSDP) with a world size that it divides; the world size is {world}."
+            )
+        if world > 1:
             # one engine per rank, part of the training job (TRL's colocate recipe): vLLM joins the
             # existing process group instead of starting its own, and tensor-parallel peers share a seed
             kwargs["distributed_executor_backend"] = "external_launcher"
+            # it reads torchrun's variables; Lightning's launcher sets LOCAL_RANK and MASTER_* but not RANK
+            os.environ.setdefault("RANK", str(dist.get_rank()))
+            os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+            os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
             kwargs["seed"] = self.seed + dist.get_rank() // self.tensor_parallel_size
         kwargs.update(self.engine_kwargs)
         # without a tokenizer vLLM's chat-template warm-up logs a traceback; the engine never renders chats
         renderer_log = logging.getLogger("vllm.renderers.base")
-        level = renderer_log.level
-        renderer_log.setLevel(logging.ERROR)
+        renderer_log.addFilter(_skip_chat_warmup)
         try:
             with keep_process_state():
                 llm = vllm.LLM(**{k: v for k, v in kwargs.items() if v is not None})
         finally:
-            renderer_log.setLevel(level)
+            renderer_log.removeFilter(_skip_chat_warmup)
         self._sampling_params = vllm.SamplingParams
         self._top_k_off = vllm.SamplingParams().top_k  # vLLM's "disabled" value (0 now, -1 in old versions)
         return llm
@@ -225,7 +238,7 @@ class VLLMEngine(RolloutEngine):
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         eos = tok.eos_token_id
-        stop = [eos] if isinstance(eos, int) else list(eos)
+        stop = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         params = self._sampling_params(
             **sampling_params_kwargs(self.sampling, num_samples, greedy, stop, self._top_k_off)
         )

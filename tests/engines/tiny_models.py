@@ -68,9 +68,32 @@ def build(spec: TinySpec, vocab_size: int, pad_id: int, eos_id: int, bos_id: int
     return Qwen3MoeForCausalLM(config)
 
 
-def tiny_model_path(spec: TinySpec = TinySpec()) -> Path:
-    """The cached folder of ``spec`` (model, tokenizer), built on first use."""
-    digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
+def demo_twin(demo: DemoSpec) -> tuple[TinySpec, DemoSpec]:
+    """The built-in demo model's shapes and warm-up with ``head_dim=32``."""
+    spec = TinySpec(
+        kind="moe",
+        hidden_size=demo.hidden_size,
+        num_layers=demo.num_layers,
+        num_heads=demo.num_heads,
+        num_kv_heads=demo.num_kv_heads,
+        num_experts=demo.num_experts,
+        experts_per_token=demo.experts_per_token,
+        expert_size=demo.expert_size,
+        max_positions=64,
+        sft_steps=demo.sft_steps,
+        seed=demo.seed,
+    )
+    return spec, demo
+
+
+def tiny_model_path(spec: TinySpec = TinySpec(), warmup: DemoSpec | None = None) -> Path:
+    """The cached folder of ``spec`` (model, tokenizer), built on first use.
+
+    ``warmup`` gives the supervised warm-up's settings (default: the demo's, with ``spec.sft_steps``).
+    """
+    warmup = warmup or replace(DemoSpec(), sft_steps=spec.sft_steps, seed=spec.seed)
+    key = {"spec": asdict(spec), "warmup": asdict(warmup) if spec.sft_steps else None}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     target = cache_root() / f"vllm-tiny-{spec.kind}-{digest}"
     if (target / "config.json").exists():
         return target
@@ -79,10 +102,12 @@ def tiny_model_path(spec: TinySpec = TinySpec()) -> Path:
     try:
         tokenizer = build_char_tokenizer("0123456789+=", save_dir=tmp)
         model = build(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
-        supervised_warmup(model, tokenizer, replace(DemoSpec(), sft_steps=spec.sft_steps, seed=spec.seed))
+        supervised_warmup(model, tokenizer, replace(warmup, sft_steps=spec.sft_steps))
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.save_pretrained(tmp)
+        if not (tmp / "config.json").exists():  # transformers saves on rank 0 only under torch.distributed
+            raise RuntimeError(f"save_pretrained wrote no model into {tmp}: build it before torch.distributed starts")
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first
