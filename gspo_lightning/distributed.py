@@ -6,8 +6,6 @@ the Hugging Face export and by rollout engines that hold their own copy of the w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from torch import Tensor, nn
 
@@ -70,15 +68,6 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
         return get_model_state_dict(model, options=options)
     return {name: value.detach().cpu() for name, value in model.state_dict().items()}
-
-
-def iter_full_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """(name, full tensor) pairs, parameter by parameter: DTensors are gathered one at a time, so peak memory
-    stays at one full parameter (every rank must iterate in the same order when the model is sharded)."""
-    for name, value in model.state_dict().items():
-        if hasattr(value, "full_tensor"):
-            value = value.full_tensor()
-        yield name, value.detach()
 
 
 def clip_and_norm(trainer, policy: nn.Module, max_norm: float | None) -> Tensor:
