@@ -6,8 +6,12 @@ the Hugging Face export and by rollout engines that hold their own copy of the w
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor, nn
+
+from gspo_lightning.components.aggregation import LossCounts
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -126,3 +130,17 @@ def data_parallel_mesh(trainer, device_mesh):
     if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
         raise ValueError("Tensor parallelism is not supported yet: set tensor_parallel_size=1 (FSDP2 only).")
     return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+
+def global_counts(strategy, mask: Tensor, device) -> LossCounts:
+    """The loss denominators of ``mask`` summed over every data-parallel rank (see ``aggregation``)."""
+    local = LossCounts.from_mask(mask)
+    local_t = torch.tensor([local.num_tokens, local.num_seqs], device=device, dtype=torch.float64)
+    summed = strategy.reduce(local_t, reduce_op="sum")
+    return LossCounts(num_tokens=float(summed[0]), num_seqs=float(summed[1]))
+
+
+def no_backward_sync(strategy):
+    """A context that skips the gradient all-reduce of one backward (DDP accumulation), where supported."""
+    block = getattr(strategy, "block_backward_sync", None)
+    return block() if block is not None else nullcontext()

@@ -28,7 +28,15 @@ from gspo_lightning.components.kl import K3KL, KL
 from gspo_lightning.components.mismatch import MismatchCorrection
 from gspo_lightning.components.objective import PolicyObjective
 from gspo_lightning.components.ratio import Ratio, SequenceRatio
-from gspo_lightning.distributed import clip_and_norm, data_parallel_mesh, full_policy_state_dict, shard_fsdp2
+from gspo_lightning.datamodule_utils import rollout_datamodule
+from gspo_lightning.distributed import (
+    clip_and_norm,
+    data_parallel_mesh,
+    full_policy_state_dict,
+    global_counts,
+    no_backward_sync,
+    shard_fsdp2,
+)
 from gspo_lightning.logprobs import response_logprobs
 from gspo_lightning.models import DType, load_causal_lm
 from gspo_lightning.moe import moe_layout, router_stats
@@ -37,6 +45,7 @@ from gspo_lightning.routing import RoutingController, routing_change_frac
 from gspo_lightning.training import (
     MetricAccumulator,
     correct_mismatch,
+    eval_metrics,
     mini_batch_indices,
     restore_rng_states,
     rng_states,
@@ -171,7 +180,6 @@ class GSPOModule(pl.LightningModule):
         self.policy: torch.nn.Module | None = None
         self._reference: list[torch.nn.Module] = []  # a list keeps it out of state_dict, DDP and optimizers
 
-    # -- models -----------------------------------------------------------------------------------------
     @property
     def needs_reference(self) -> bool:
         return self.kl_coef > 0 or self.advantage.needs_ref
@@ -219,15 +227,8 @@ class GSPOModule(pl.LightningModule):
         self._datamodule().bind_policy(self.policy)
 
     def _datamodule(self):
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is None or not hasattr(dm, "bind_policy"):
-            raise RuntimeError(
-                "GSPOModule needs a RolloutDataModule (pass datamodule=RolloutDataModule(...) to the Trainer):"
-                " rollouts are generated on the data side with the policy this module trains."
-            )
-        return dm
+        return rollout_datamodule(self.trainer)
 
-    # -- optimisation -----------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         if self.optimizer_factory is None:
@@ -303,14 +304,6 @@ class GSPOModule(pl.LightningModule):
         batch.advantages = self.advantage(batch)
         return batch
 
-    def _global_counts(self, mask: Tensor) -> LossCounts:
-        local = LossCounts.from_mask(mask)
-        summed = self.trainer.strategy.reduce(
-            torch.tensor([local.num_tokens, local.num_seqs], device=self.device, dtype=torch.float64),
-            reduce_op="sum",
-        )
-        return LossCounts(num_tokens=float(summed[0]), num_seqs=float(summed[1]))
-
     def training_step(self, dataloader_iter: Iterator) -> None:
         # Pull the batch here (not prefetched): generation must see the weights after the previous step.
         batch, _, _ = next(dataloader_iter)
@@ -325,11 +318,11 @@ class GSPOModule(pl.LightningModule):
         for _ in range(self.epochs):
             for index in mini_batch_indices(len(batch), self.mini_batches, self.shuffle_mini_batches, generator):
                 mini = batch.select(index)
-                counts = self._global_counts(mini.response_mask)
+                counts = global_counts(self.trainer.strategy, mini.response_mask, self.device)
                 optimizer.zero_grad(set_to_none=True)
                 micro = self._micro_batches(torch.arange(len(mini)))
                 for j, micro_index in enumerate(micro):
-                    sync = nullcontext() if j == len(micro) - 1 else self._no_backward_sync()
+                    sync = nullcontext() if j == len(micro) - 1 else no_backward_sync(self.trainer.strategy)
                     part = mini.select(micro_index)
                     # the routing context spans backward too: gradient checkpointing re-runs the routers
                     with sync, self._routing_context(part):
@@ -349,11 +342,8 @@ class GSPOModule(pl.LightningModule):
         self._log_step(batch, metrics.means(), train_s)
 
     def _routing_context(self, micro: RolloutBatch):
-        if self.routing is None or micro.routing is None:
-            return nullcontext()
-        if self.routing_replay:
-            return self.routing.replaying(micro.input_ids, micro.routing)
-        return self.routing.recording(micro.input_ids)
+        """Record (or, with replay, force) pi_old's experts in forwards and backwards on ``micro``."""
+        return RoutingController.context(self.routing, micro.input_ids, micro.routing, self.routing_replay)
 
     def _micro_step(self, micro: RolloutBatch, counts: LossCounts) -> tuple[Tensor, dict[str, Tensor]]:
         want_router = self.moe is not None and (self.router_aux_loss_coef > 0 or self.collect_router_stats)
@@ -383,10 +373,6 @@ class GSPOModule(pl.LightningModule):
         metrics["policy/loss"] = loss.detach().float()
         return loss, metrics
 
-    def _no_backward_sync(self):
-        block = getattr(self.trainer.strategy, "block_backward_sync", None)
-        return block() if block is not None else nullcontext()
-
     def _clip_and_norm(self) -> Tensor:
         return clip_and_norm(self.trainer, self.policy, self.max_grad_norm)
 
@@ -400,16 +386,11 @@ class GSPOModule(pl.LightningModule):
         self.log_dict(logged, on_step=True, on_epoch=False, batch_size=len(batch))
         self.log("reward", logged["rollout/reward_mean"], prog_bar=True, logger=False, batch_size=len(batch))
 
-    # -- validation -------------------------------------------------------------------------------------
     def validation_step(self, result, batch_idx: int = 0) -> None:
-        n = len(result)
-        self.log("val/accuracy", result.greedy_correct.float().mean(), batch_size=n, sync_dist=True, prog_bar=True)
-        if result.sampled_correct.shape[1] > 0:
-            k = result.sampled_correct.shape[1]
-            self.log("val/accuracy_sampled", result.sampled_correct.float().mean(), batch_size=n, sync_dist=True)
-            self.log(f"val/pass@{k}", result.sampled_correct.any(1).float().mean(), batch_size=n, sync_dist=True)
+        metrics = eval_metrics(result)
+        self.log_dict(metrics, batch_size=len(result), sync_dist=True)
+        self.log("val_acc", metrics["val/accuracy"], prog_bar=True, logger=False, batch_size=len(result))
 
-    # -- checkpoints ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = rng_states()
 

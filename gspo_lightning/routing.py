@@ -18,7 +18,7 @@ activation volatility"): the fraction of (response token, MoE layer) pairs whose
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Literal
 
 import torch
@@ -119,6 +119,14 @@ class RoutingController:
             yield
         finally:
             self.mode, self._shape = previous
+
+    @staticmethod
+    def context(controller: RoutingController | None, input_ids: Tensor, experts: Tensor | None, replay: bool):
+        """The context for a forward on ``input_ids``: replay ``experts`` when asked, else record; a no-op
+        without a controller or recorded experts."""
+        if controller is None or experts is None:
+            return nullcontext()
+        return controller.replaying(input_ids, experts) if replay else controller.recording(input_ids)
 
     def recorded(self) -> Tensor:
         """(n, L, S, k) experts of the last recorded or replayed forward, as small integers."""

@@ -95,3 +95,13 @@ def correct_mismatch(batch, correction) -> None:
     if gap.numel():
         batch.metrics["sampling/logprob_diff_mean"] = float(gap.mean())
         batch.metrics["sampling/logprob_diff_max"] = float(gap.max())
+
+
+def eval_metrics(result) -> dict[str, Tensor]:
+    """``val/*`` metrics of one held-out batch: greedy accuracy, sampled accuracy and pass@k."""
+    metrics = {"val/accuracy": result.greedy_correct.float().mean()}
+    k = result.sampled_correct.shape[1]
+    if k > 0:
+        metrics["val/accuracy_sampled"] = result.sampled_correct.float().mean()
+        metrics[f"val/pass@{k}"] = result.sampled_correct.any(1).float().mean()
+    return metrics
