@@ -81,6 +81,8 @@ EXPECTED_WARNINGS = (
     r".*`dataloader_iter` step flavor.*",
     r".*Found `dataloader_iter` argument in the `training_step`.*",
     r".*ModelCheckpoint with manual optimization and every_n_train_steps.*",
+    # torch 2.13 deprecates LeafSpec, which Lightning 2.6's CombinedLoader still uses (not ours to fix)
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
 )
 
 

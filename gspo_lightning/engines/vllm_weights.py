@@ -34,27 +34,34 @@ def iter_full_weights(policy: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """(name, full tensor) for each state-dict entry of the policy, gathered one at a time.
 
     Plain tensors are yielded as they are (no copy). A DTensor (FSDP2 ``fully_shard``, tensor parallel) is
-    gathered with ``full_tensor()``, a collective: under ``torch.distributed`` every rank must run this
-    generator to the end in the same order, which holds when each data-parallel rank syncs its own
-    engine at the same step. Only one gathered tensor is alive at a time, so the peak extra memory is
-    the largest parameter.
-
-    DeepSpeed ZeRO-3 partitions parameters in place (``ds_id`` attribute, empty ``data``); gathering them
-    needs ``deepspeed.zero.GatheredParameters(params)`` around the push. That is not implemented (no
-    DeepSpeed here to test it), so such a policy raises instead of pushing empty shards.
-
-    Raises:
-        NotImplementedError: for ZeRO-3 partitioned parameters.
+    gathered with ``full_tensor()``; a DeepSpeed ZeRO-3 partition (a parameter with ``ds_id``) inside
+    ``deepspeed.zero.GatheredParameters([param])`` and copied out before it is re-partitioned (vLLM's
+    layer-wise reload may hold a tensor until the rest of its layer arrives). Both gathers are collectives:
+    under ``torch.distributed`` every rank must run this generator to the end in the same order, which
+    holds when each data-parallel rank syncs its own engine at the same step. Only one gathered parameter
+    is alive at a time (besides what vLLM holds), so the peak extra memory is about the largest parameter.
     """
     if any(hasattr(p, "ds_id") for p in policy.parameters()):
-        raise NotImplementedError(
-            "The policy's parameters are DeepSpeed ZeRO-3 partitions: gathering them for the vLLM weight sync"
-            " (deepspeed.zero.GatheredParameters) is not implemented. Use FSDP2 (DTensor) or DDP."
-        )
+        yield from _iter_zero3_weights(policy)
+        return
     for name, tensor in policy.state_dict().items():
         if hasattr(tensor, "full_tensor"):
             tensor = tensor.full_tensor()
         yield name.replace("_orig_mod.", ""), tensor.detach()
+
+
+def _iter_zero3_weights(policy: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """ZeRO-3: parameters gathered one by one, in state-dict order; buffers (never partitioned) as they are."""
+    import deepspeed
+
+    for name, tensor in policy.state_dict(keep_vars=True).items():
+        name = name.replace("_orig_mod.", "")
+        if not hasattr(tensor, "ds_id"):
+            yield name, tensor.detach()
+            continue
+        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+            full = tensor.detach().clone()
+        yield name, full
 
 
 def vllm_version() -> str:

