@@ -22,7 +22,12 @@ from torch import nn
 
 from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine
 from gspo_lightning.engines.vllm_io import sampling_params_kwargs, to_generation
-from gspo_lightning.engines.vllm_weights import iter_full_weights, load_weights_in_place, vllm_version
+from gspo_lightning.engines.vllm_weights import (
+    iter_full_weights,
+    load_weights_in_place,
+    quiet_sync_logs,
+    vllm_version,
+)
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = (
@@ -273,8 +278,10 @@ class VLLMEngine(RolloutEngine):
         """Load the policy's full weights into the engine now, reset the prefix cache, time it."""
         start = time.perf_counter()
         self._wake(("weights",))
-        load_weights_in_place(self.llm, iter_full_weights(policy))
-        if self.llm.reset_prefix_cache() is False:
+        with quiet_sync_logs():
+            load_weights_in_place(self.llm, iter_full_weights(policy))
+            reset = self.llm.reset_prefix_cache()
+        if reset is False:
             raise RuntimeError(f"vLLM {vllm_version()} refused to reset its prefix cache (requests still running).")
         self.last_sync_s = time.perf_counter() - start
         self.num_pushes += 1

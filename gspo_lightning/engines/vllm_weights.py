@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from torch import Tensor, nn
 
@@ -62,6 +63,46 @@ def _iter_zero3_weights(policy: nn.Module) -> Iterator[tuple[str, Tensor]]:
         with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
             full = tensor.detach().clone()
         yield name, full
+
+
+class _SyncChatter(logging.Filter):
+    """Drops what vLLM logs on every in-place reload and cache reset; keeps anything else and all errors.
+
+    Dropped: the reload's "Reloading weights inplace..." / "... took N seconds" lines, "Successfully reset
+    prefix cache", and "RotaryEmbedding: Failed to load weights" (a rotary layer has no checkpoint weight:
+    vLLM counts its cos/sin cache as loadable and puts it back untouched). Once per push these would fill
+    a run's log with thousands of lines. A "Failed to load weights" for any other layer is kept: it means
+    a weight the push did not deliver.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        message = record.getMessage()
+        if message.startswith("Reloading") or message == "Successfully reset prefix cache":
+            return False
+        return not (message.endswith(": Failed to load weights") and "RotaryEmbedding" in message)
+
+
+_CHATTY_LOGGERS = (
+    "vllm.model_executor.model_loader.reload.inplace",
+    "vllm.model_executor.model_loader.reload.layerwise",
+    "vllm.v1.core.block_pool",
+)
+
+
+@contextmanager
+def quiet_sync_logs() -> Iterator[None]:
+    """Silence vLLM's per-push chatter (:class:`_SyncChatter`) inside the block."""
+    chatter = _SyncChatter()
+    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(chatter)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(chatter)
 
 
 def vllm_version() -> str:

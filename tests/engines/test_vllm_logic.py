@@ -217,3 +217,25 @@ def test_sleep_mode_order(fake_engine):
         ("generate", 1),
         ("sleep", 1),
     ]
+
+
+def test_quiet_sync_logs_drops_per_push_chatter_only(caplog):
+    import logging
+
+    from gspo_lightning.engines.vllm_weights import quiet_sync_logs
+
+    layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    inplace = logging.getLogger("vllm.model_executor.model_loader.reload.inplace")
+    caplog.set_level(logging.INFO)
+    with quiet_sync_logs():
+        inplace.info("Reloading weights inplace...")
+        inplace.info("Reloading and processing weights took %.2f seconds", 0.04)
+        layerwise.warning("%s: Failed to load weights", "RotaryEmbedding")
+        layerwise.warning("%s: Failed to load weights", "QKVParallelLinear")  # a weight the push missed
+        inplace.error("Reloading failed")
+    layerwise.warning("%s: Failed to load weights", "RotaryEmbedding")  # outside the block: kept
+    assert [r.getMessage() for r in caplog.records] == [
+        "QKVParallelLinear: Failed to load weights",
+        "Reloading failed",
+        "RotaryEmbedding: Failed to load weights",
+    ]
