@@ -116,7 +116,7 @@ def supervised_warmup(model: Qwen3MoeForCausalLM, tokenizer, spec: DemoSpec) -> 
         return {"steps": 0, "probe_accuracy": float("nan")}
     task = AdditionTask(num_digits=spec.num_digits, seed=spec.seed)
     examples = task.sft_examples(spec.sft_steps * spec.sft_batch_size, seed=spec.seed)
-    probe = task.sft_examples(spec.sft_probe_size, seed=spec.seed + 1)
+    probe_prompts, probe_answers = zip(*task.sft_examples(spec.sft_probe_size, seed=spec.seed + 1))
     eos = tokenizer.eos_token
     prompts = [p for p, _ in examples]
     full = [p + c + eos for p, c in examples]
@@ -147,7 +147,7 @@ def supervised_warmup(model: Qwen3MoeForCausalLM, tokenizer, spec: DemoSpec) -> 
         optimizer.zero_grad(set_to_none=True)
         steps = step + 1
         if spec.sft_target_accuracy is not None and steps % spec.sft_probe_every == 0:
-            accuracy = probe_accuracy(model, tokenizer, [p for p, _ in probe], [a for _, a in probe])
+            accuracy = probe_accuracy(model, tokenizer, list(probe_prompts), list(probe_answers))
             if accuracy >= spec.sft_target_accuracy:
                 break
     model.eval()

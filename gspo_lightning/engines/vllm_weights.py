@@ -27,6 +27,8 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
+from gspo_lightning.distributed import is_zero3
+
 log = logging.getLogger(__name__)
 _EXPERT_WEIGHTS = ("w13_weight", "w2_weight")
 
@@ -42,7 +44,7 @@ def iter_full_weights(policy: nn.Module) -> Iterator[tuple[str, Tensor]]:
     holds when each data-parallel rank syncs its own engine at the same step. Only one gathered parameter
     is alive at a time (besides what vLLM holds), so the peak extra memory is about the largest parameter.
     """
-    if any(hasattr(p, "ds_id") for p in policy.parameters()):
+    if is_zero3(policy):
         yield from _iter_zero3_weights(policy)
         return
     for name, tensor in policy.state_dict().items():

