@@ -35,7 +35,8 @@ class StepTimer(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         wall = time.perf_counter() - self._start
-        m = pl_module.last_batch.metrics
+        batch_out = outputs["batch"]  # the rollout batch training_step returns to callbacks
+        m = batch_out.metrics
         train = float(trainer.callback_metrics["time/train_s"])
         old, ref = m.get("time/old_logprob_s", 0.0), m.get("time/ref_logprob_s", 0.0)
         self.rows.append(
@@ -46,7 +47,7 @@ class StepTimer(Callback):
                 "ref_logprob": ref,
                 "train": train - old - ref,
                 "overhead": wall - m["time/generate_s"] - train,
-                "tokens": float(pl_module.last_batch.response_mask.sum()),
+                "tokens": float(batch_out.response_mask.sum()),
             }
         )
 

@@ -24,7 +24,9 @@ class RolloutBatch:
         input_ids: (N, P+T) int64, left-padded prompt followed by right-padded response.
         attention_mask: (N, P+T) bool, True on real prompt and response tokens.
         response_mask: (N, T) bool, True on real response tokens (the sampled tokens that are trained on).
-        rewards: (N,) float32, the scalar reward of each sequence.
+        rewards: (N,) float32, the scalar reward of each sequence, as the reward functions scored it.
+        penalised_rewards: (N,) float32, ``rewards`` less the KL penalty when the KL term is applied in the
+            reward (``model.kl_in_reward``), or None. Advantages read :attr:`advantage_rewards`.
         group_ids: (N,) int64; the G samples of one prompt share an id.
         old_logprobs: (N, T) log pi_old of the sampled tokens (behaviour policy), or None until computed.
         ref_logprobs: (N, T) log pi_ref of the sampled tokens, or None when no reference model is used.
@@ -61,18 +63,24 @@ class RolloutBatch:
     metrics: dict[str, float] = field(default_factory=dict)
     routing: Tensor | None = None
     is_weights: Tensor | None = None
+    penalised_rewards: Tensor | None = None
 
     def __post_init__(self) -> None:
         n, t = self.response_mask.shape
         if self.input_ids.shape[0] != n or self.input_ids.shape[1] < t:
             raise ValueError(f"input_ids {tuple(self.input_ids.shape)} must be (N, P+T) for response_mask {(n, t)}.")
-        for name in ("rewards", "group_ids"):
-            if getattr(self, name).shape != (n,):
+        for name in ("rewards", "group_ids", "penalised_rewards"):
+            if getattr(self, name) is not None and getattr(self, name).shape != (n,):
                 raise ValueError(f"{name} must have shape (N,) = ({n},), got {tuple(getattr(self, name).shape)}.")
         for name in ("old_logprobs", "ref_logprobs", "rollout_logprobs"):
             value = getattr(self, name)
             if value is not None and value.shape != (n, t):
                 raise ValueError(f"{name} must have shape (N, T) = {(n, t)}, got {tuple(value.shape)}.")
+
+    @property
+    def advantage_rewards(self) -> Tensor:
+        """(N,) the rewards advantages are computed from: the penalised ones when a KL penalty applies."""
+        return self.rewards if self.penalised_rewards is None else self.penalised_rewards
 
     @property
     def num_sequences(self) -> int:

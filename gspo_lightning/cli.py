@@ -1,7 +1,7 @@
-"""The ``gspo-lightning`` command: ``fit`` / ``validate`` through LightningCLI, and ``list``.
+"""The ``gspo-lightning`` command: LightningCLI's ``fit`` / ``validate`` / ``test`` / ``predict``, plus ``list``.
 
 ``gspo-lightning fit`` with no ``--config`` runs the embedded demo (``configs/demo.yaml``).
-``gspo-lightning list [KIND]`` prints the registered components with their one-line descriptions.
+``gspo-lightning list [KIND ...]`` prints the registered components with their one-line descriptions.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from gspo_lightning.registry import Registry
 
@@ -44,10 +45,33 @@ def list_components(kinds: Sequence[str] = ()) -> str:
     return "\n".join(lines)
 
 
-class GSPOLightningCLI(LightningCLI):
-    """LightningCLI with the values two parts need given once."""
+LIST_HELP = "List the registered components (ratios, advantages, clips, KLs, rewards, engines, prompt sources)."
 
-    def add_arguments_to_parser(self, parser) -> None:
+
+class GSPOLightningCLI(LightningCLI):
+    """LightningCLI with the values two parts need given once, and a ``list`` subcommand."""
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Add ``list`` next to the Trainer subcommands; it takes only the kinds to show.
+
+        The kinds are checked by :func:`list_components`, not by ``choices``: on Python < 3.12 argparse rejects an
+        empty ``nargs="*"`` positional that has choices.
+        """
+        super()._add_subcommands(parser, **kwargs)
+        list_parser = self.parser_class(description=LIST_HELP)
+        kinds = ", ".join(registries())
+        list_parser.add_argument("kinds", nargs="*", default=[], metavar="KIND", help=f"Any of: {kinds}; none: all.")
+        parser._subcommands_action.add_subcommand("list", list_parser, help=LIST_HELP)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse ``args``; ``list`` prints the components and exits here, before any class is instantiated."""
+        super().parse_arguments(parser, args)
+        if self.config.get("subcommand") == "list":
+            print(list_components(self.config.list.kinds))
+            sys.exit(0)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """The data module tokenizes with the model's tokenizer; sampling settings are given once, under data."""
         parser.link_arguments("model.model", "data.tokenizer")
         parser.link_arguments("data.sampling.temperature", "model.temperature")
         parser.link_arguments("data.sampling.max_new_tokens", "model.max_new_tokens")
@@ -87,12 +111,10 @@ EXPECTED_WARNINGS = (
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run ``gspo-lightning`` on ``argv`` (default: ``sys.argv[1:]``)."""
     for pattern in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "list":
-        print(list_components(args[1:]))
-        return
     # LightningCLI reads sys.argv itself; giving it `args` as well would make it warn about both.
     sys.argv = [sys.argv[0], *with_demo_default(args)]
     cli_main()

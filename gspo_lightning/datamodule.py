@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -11,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
+from typing_extensions import override
 
 from gspo_lightning.batch import RolloutBatch
 from gspo_lightning.data.encode import EncodedPrompt, encode_prompts
@@ -18,28 +18,13 @@ from gspo_lightning.data.prompts import PromptSource
 from gspo_lightning.data.tasks import AdditionTask
 from gspo_lightning.engines.base import RolloutEngine, SamplingConfig
 from gspo_lightning.engines.transformers_engine import TransformersEngine
+from gspo_lightning.evaluation import EvalResult
 from gspo_lightning.models import load_tokenizer
 from gspo_lightning.rewards.answer import ExactMatchReward
-from gspo_lightning.rewards.base import Reward, RewardInputs
-from gspo_lightning.rollout import RolloutCollector, decode_responses
+from gspo_lightning.rewards.base import Reward
+from gspo_lightning.rollout import RolloutCollector, decode_responses, reward_inputs
 
-DEFAULT_SAMPLING = SamplingConfig(temperature=1.0, max_new_tokens=8)
-
-
-@dataclass
-class EvalResult:
-    """Held-out evaluation of n prompts: greedy and k sampled completions each, scored for correctness.
-
-    Attributes:
-        greedy_correct: (n,) bool.
-        sampled_correct: (n, k) bool (k may be 0).
-    """
-
-    greedy_correct: Tensor
-    sampled_correct: Tensor
-
-    def __len__(self) -> int:
-        return self.greedy_correct.shape[0]
+DEFAULT_SAMPLING = SamplingConfig()
 
 
 def _identity(x: Any) -> Any:
@@ -56,14 +41,11 @@ class _RolloutStream(IterableDataset):
 
 
 class _EvalStream(IterableDataset):
-    def __init__(self, datamodule: RolloutDataModule, prompts: list[EncodedPrompt]) -> None:
+    def __init__(self, datamodule: RolloutDataModule) -> None:
         self.datamodule = datamodule
-        self.prompts = prompts
 
     def __iter__(self) -> Iterator[EvalResult]:
-        size = self.datamodule.val_batch_size
-        for start in range(0, len(self.prompts), size):
-            yield self.datamodule.evaluate(self.prompts[start : start + size])
+        return self.datamodule.evaluate_heldout()
 
 
 class RolloutDataModule(pl.LightningDataModule):
@@ -72,6 +54,12 @@ class RolloutDataModule(pl.LightningDataModule):
     Each training step draws ``prompts_per_step`` prompts in total, split evenly over the data-parallel
     ranks (each rank generates for its own share), in a seeded order reshuffled every pass over the data.
     The position in that order is saved in checkpoints, so a resumed run continues with the next prompts.
+
+    The engine generates with the trainer's policy: the data module binds it once, before its first
+    generation, from the Trainer's LightningModule, which must expose the model it trains as ``policy``
+    (as :class:`~gspo_lightning.module.GSPOModule` does; outside a Trainer call :meth:`bind_policy`). The
+    module sends the updated weights back after its optimizer steps (:meth:`sync_weights`); nothing else
+    flows from training to generation.
 
     Args:
         prompts: where prompts come from (default: the built-in 2-digit :class:`AdditionTask`).
@@ -152,7 +140,6 @@ class RolloutDataModule(pl.LightningDataModule):
         self.tokenizer = None
         self._train: list[EncodedPrompt] | None = None
         self._val: list[EncodedPrompt] = []
-        self.dropped_prompts = 0
 
     # -- set-up -----------------------------------------------------------------------------------------
     @property
@@ -160,6 +147,7 @@ class RolloutDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is not None:
             return
@@ -181,7 +169,6 @@ class RolloutDataModule(pl.LightningDataModule):
             system_prompt=self.system_prompt,
         )
         train, dropped = encode_prompts(self.source.train(), **encode)
-        self.dropped_prompts = dropped
         if dropped:
             rank_zero_warn(
                 f"Dropped {dropped} training prompts longer than max_prompt_length={self.max_prompt_length} tokens"
@@ -207,20 +194,21 @@ class RolloutDataModule(pl.LightningDataModule):
         )
 
     def bind_policy(self, policy: nn.Module) -> None:
-        """Give the engine the policy to generate with (called by the module when a run starts)."""
+        """Give the engine the policy to generate with (done once per run; see the class docstring)."""
         self.engine.bind(policy)
 
     def _ensure_bound(self) -> None:
-        # Lightning prefetches the first validation batch before any hook of `trainer.validate` runs, so
-        # the module may not have bound its policy yet: take it from the trainer's module then.
-        if not self.engine.is_bound:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            policy = getattr(module, "policy", None)
-            if policy is None:
-                raise RuntimeError(
-                    "The rollout engine has no policy: call datamodule.bind_policy(model) or train with GSPOModule."
-                )
-            self.bind_policy(policy)
+        # Bound on first use rather than in a hook: `trainer.validate` prefetches its first held-out batch
+        # before any hook runs, and binding once here serves fit, validate and callbacks alike.
+        if self.engine.is_bound:
+            return
+        policy = getattr(self.trainer.lightning_module, "policy", None) if self.trainer is not None else None
+        if policy is None:
+            raise RuntimeError(
+                "The rollout engine has no policy: train with GSPOModule (or a LightningModule with a `policy`"
+                " attribute), or call datamodule.bind_policy(model) outside a Trainer."
+            )
+        self.bind_policy(policy)
 
     def sync_weights(self, policy: nn.Module) -> None:
         """Send the updated weights to the engine (called by the module after its optimizer steps)."""
@@ -256,6 +244,7 @@ class RolloutDataModule(pl.LightningDataModule):
         batch.metrics["rollout/epoch"] = float(self.epoch)
         return batch
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_RolloutStream(self), batch_size=None, collate_fn=_identity, num_workers=0)
 
@@ -268,16 +257,16 @@ class RolloutDataModule(pl.LightningDataModule):
         sampled = self._correct(prompts, k, greedy=False) if k > 0 else torch.zeros(len(prompts), 0, dtype=torch.bool)
         return EvalResult(greedy_correct=greedy, sampled_correct=sampled)
 
+    def evaluate_heldout(self) -> Iterator[EvalResult]:
+        """Evaluate this rank's held-out prompts, ``val_batch_size`` at a time."""
+        size = self.val_batch_size
+        for start in range(0, len(self._val), size):
+            yield self.evaluate(self._val[start : start + size])
+
     def _correct(self, prompts: list[EncodedPrompt], k: int, greedy: bool) -> Tensor:
         generation = self.engine.generate([p.input_ids for p in prompts], k, greedy=greedy)
-        inputs = RewardInputs(
-            prompts=[p.record.text for p in prompts for _ in range(k)],
-            completions=decode_responses(self.tokenizer, generation),
-            answers=[p.record.answer for p in prompts for _ in range(k)],
-            response_lengths=generation.response_mask.sum(-1),
-            truncated=generation.truncated,
-            max_new_tokens=self.sampling.max_new_tokens,
-        )
+        completions = decode_responses(self.tokenizer, generation)
+        inputs = reward_inputs(prompts, generation, completions, k, self.sampling.max_new_tokens)
         return (self.accuracy_reward(inputs) > 0).view(len(prompts), k)
 
     @property
@@ -285,15 +274,18 @@ class RolloutDataModule(pl.LightningDataModule):
         """This rank's held-out prompts."""
         return self._val
 
+    @override
     def val_dataloader(self) -> DataLoader | list:
         if not self._val:
             return []
-        return DataLoader(_EvalStream(self, self._val), batch_size=None, collate_fn=_identity, num_workers=0)
+        return DataLoader(_EvalStream(self), batch_size=None, collate_fn=_identity, num_workers=0)
 
     # -- checkpointing -----------------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "cursor": self.cursor, "steps": self.steps, "seed": self.seed}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("seed", self.seed) != self.seed:
             raise ValueError(
@@ -303,3 +295,18 @@ class RolloutDataModule(pl.LightningDataModule):
         self.epoch = int(state_dict["epoch"])
         self.cursor = int(state_dict["cursor"])
         self.steps = int(state_dict["steps"])
+
+
+def rollout_datamodule(trainer: pl.Trainer) -> RolloutDataModule:
+    """The trainer's rollout data module (anything with ``sync_weights``, for duck-typed replacements).
+
+    Raises:
+        RuntimeError: the trainer has no such data module.
+    """
+    dm = getattr(trainer, "datamodule", None)
+    if dm is None or not hasattr(dm, "sync_weights"):
+        raise RuntimeError(
+            "GSPOModule needs a RolloutDataModule (pass datamodule=RolloutDataModule(...) to the Trainer):"
+            " rollouts are generated on the data side with the policy this module trains."
+        )
+    return dm

@@ -30,11 +30,6 @@ def seq_mean(x: Tensor, mask: Tensor) -> Tensor:
     return seq_sum(x, mask) / seq_lengths(mask).clamp(min=1.0).to(x.dtype)
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``x`` over the real tokens of the whole batch; 0 when there are none."""
-    return masked_fill_padding(x, mask).sum() / mask.sum().clamp(min=1).to(x.dtype)
-
-
 def group_index(group_ids: Tensor) -> tuple[Tensor, int]:
     """Dense group indices 0..K-1 for arbitrary ``group_ids`` (N,), and K."""
     uniq, inverse = torch.unique(group_ids, return_inverse=True)

@@ -21,21 +21,19 @@ from gspo_lightning.rewards.base import Reward, RewardInputs, compute_rewards
 
 def decode_responses(tokenizer, generation: Generation) -> list[str]:
     """Decoded completions, special tokens stripped (one batched call)."""
-    ids = generation.response_ids.masked_fill(~generation.response_mask, tokenizer.pad_token_id or 0)
+    ids = generation.response_ids.masked_fill(~generation.response_mask, tokenizer.pad_token_id)
     return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
 
 
-def score(
+def reward_inputs(
     prompts: Sequence[EncodedPrompt],
     generation: Generation,
     completions: list[str],
-    rewards: Sequence[Reward],
-    weights: Sequence[float] | None,
     num_samples: int,
     max_new_tokens: int,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Rewards of N = len(prompts) * G completions."""
-    inputs = RewardInputs(
+) -> RewardInputs:
+    """What the rewards see of N = len(prompts) * G completions (samples of a prompt adjacent)."""
+    return RewardInputs(
         prompts=[p.record.text for p in prompts for _ in range(num_samples)],
         completions=completions,
         answers=[p.record.answer for p in prompts for _ in range(num_samples)],
@@ -43,7 +41,6 @@ def score(
         truncated=generation.truncated,
         max_new_tokens=max_new_tokens,
     )
-    return compute_rewards(rewards, weights, inputs)
 
 
 def _cat(tensors: list[Tensor], pad_value: int | bool, left: bool = False) -> Tensor:
@@ -106,9 +103,8 @@ class RolloutCollector:
             gen_time += time.perf_counter() - start
             start = time.perf_counter()
             completions = decode_responses(self.tokenizer, generation)
-            total, terms = score(
-                prompts, generation, completions, self.rewards, self.reward_weights, g, self.max_new_tokens
-            )
+            inputs = reward_inputs(prompts, generation, completions, g, self.max_new_tokens)
+            total, terms = compute_rewards(self.rewards, self.reward_weights, inputs)
             reward_time += time.perf_counter() - start
             group_ids = torch.arange(len(prompts)).repeat_interleave(g)
             _, std, _ = group_stats(total, group_ids)
@@ -144,7 +140,7 @@ class RolloutCollector:
         return batch
 
     def _assemble(self, groups: list[dict]) -> RolloutBatch:
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = self.tokenizer.pad_token_id
         prompt_ids = _cat([gr["prompt_ids"] for gr in groups], pad, left=True)
         prompt_mask = _cat([gr["prompt_mask"] for gr in groups], False, left=True)
         response_ids = _cat([gr["response_ids"] for gr in groups], pad)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_batch
+from support import make_batch
 
 from gspo_lightning import ADVANTAGES, CLIPS, COMPONENT_REGISTRIES, KLS, RATIOS, Ratio, Registry, TokenRatio
 

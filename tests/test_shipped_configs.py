@@ -42,8 +42,8 @@ def test_presets_instantiate_on_the_demo(path):
     assert type(cli.model.objective.ratio).__name__ == expected[0]
     assert cli.model.objective.clip.eps_low == expected[1]
     # linked values: given once, seen by both parts
-    assert cli.model.max_new_tokens == cli.datamodule.sampling.max_new_tokens
-    assert cli.datamodule.tokenizer_path == cli.model.model_name
+    assert cli.model.objective.max_len == cli.datamodule.sampling.max_new_tokens
+    assert cli.datamodule.tokenizer_path == cli.model.hparams.model
 
 
 def test_dapo_turns_on_dynamic_sampling_and_clip_higher():

@@ -6,16 +6,19 @@ import json
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from gspo_lightning.callbacks._steps import logger_step
+from gspo_lightning.evaluation import heldout_accuracy
 
 
 class HeldOutReport(Callback):
     """Evaluates every held-out prompt (greedy and sampled) when training starts and ends.
+
+    It evaluates through the data module (``evaluate_heldout``), the same evaluation the validation loop
+    runs, with whatever policy the data module's engine generates with.
 
     Logs ``val/accuracy`` and ``val/accuracy_sampled`` at the start step too, prints a before/after
     table at the end, and writes it as ``heldout_report.json`` in the logger's folder.
@@ -25,20 +28,15 @@ class HeldOutReport(Callback):
         self.before: dict[str, float] = {}
         self.after: dict[str, float] = {}
 
-    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+    @staticmethod
+    def _evaluate(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         dm = trainer.datamodule
-        prompts = dm.val_prompts
-        if not prompts and trainer.world_size == 1:
+        if not dm.val_prompts and trainer.world_size == 1:
             raise RuntimeError("HeldOutReport needs held-out prompts, but the prompt source has no validation split.")
-        dm.bind_policy(pl_module.policy)
-        size = dm.val_batch_size
-        results = [dm.evaluate(prompts[i : i + size]) for i in range(0, len(prompts), size)]
-        greedy = sum(float(r.greedy_correct.sum()) for r in results)
-        sampled = sum(float(r.sampled_correct.float().mean(1).sum()) for r in results)
-        totals = torch.tensor([greedy, sampled, float(len(prompts))], dtype=torch.float64, device=pl_module.device)
-        totals = trainer.strategy.reduce(totals, reduce_op="sum")
-        n = max(float(totals[2]), 1.0)
-        return {"val/accuracy": float(totals[0]) / n, "val/accuracy_sampled": float(totals[1]) / n, "n": n}
+        # every rank sums its share: a collective, so each rank evaluates (possibly nothing) and reduces
+        return heldout_accuracy(
+            dm.evaluate_heldout(), lambda t: trainer.strategy.reduce(t.to(pl_module.device), reduce_op="sum")
+        )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -35,14 +35,20 @@ class HFExport(Callback):
             return Path(self.dirpath)
         return Path(trainer.log_dir or trainer.default_root_dir) / "hf_export"
 
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not callable(getattr(pl_module, "export_pretrained", None)):
+            raise RuntimeError(
+                f"HFExport needs a LightningModule with export_pretrained(path, safe_serialization), such as"
+                f" GSPOModule; {type(pl_module).__name__} has none. Remove the callback or add the method."
+            )
+
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> Path:
         """Write the folder ``<root>/<name>`` (rank 0 writes; every rank must call it)."""
         path = self._root(trainer) / name
-        # a collective under FSDP2 (every rank gathers the shards), a plain copy otherwise
-        state_dict = pl_module.full_policy_state_dict()
+        # a collective under sharded strategies (every rank gathers the shards), a plain copy otherwise
+        pl_module.export_pretrained(path, safe_serialization=self.safe_serialization)
         if trainer.is_global_zero:
-            path.mkdir(parents=True, exist_ok=True)
-            pl_module.policy.save_pretrained(path, state_dict=state_dict, safe_serialization=self.safe_serialization)
             trainer.datamodule.tokenizer.save_pretrained(path)
             rank_zero_info(f"HFExport: wrote {path}")
         trainer.strategy.barrier("hf_export")

@@ -13,6 +13,9 @@ from gspo_lightning.callbacks._steps import logger_step
 class SampleLogger(Callback):
     """Writes a markdown table of prompts, completions and rewards to TensorBoard every few steps.
 
+    Reads the rollout batch the module's ``training_step`` returns as ``outputs["batch"]``. The reward
+    column shows the scored rewards (before any KL penalty in the reward).
+
     Args:
         every_n_steps: rollout batches between two tables.
         num_samples: rows per table (the first samples of the batch, whole groups first).
@@ -52,10 +55,9 @@ class SampleLogger(Callback):
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._calls += 1
-        last = getattr(pl_module, "last_batch", None)
-        if last is None or (self._calls - 1) % self.every_n_steps or not trainer.is_global_zero:
+        if (self._calls - 1) % self.every_n_steps or not trainer.is_global_zero:
             return
-        text = self.table(last)
+        text = self.table(outputs["batch"])
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("samples/completions", text, global_step=logger_step(trainer))

@@ -21,8 +21,10 @@ from gspo_lightning.registry import Registry
 class Advantage(nn.Module, ABC):
     """Base class: ``forward(batch) -> (N,) or (N, T)`` advantages, never with gradient.
 
-    Set the class attribute ``needs_ref = True`` when the estimator reads ``batch.ref_logprobs``; the
-    training module then runs the reference model even with a zero KL coefficient.
+    Read the rewards from ``batch.advantage_rewards``: the scored rewards, less the KL penalty when the KL
+    term is applied in the reward. Set the class attribute ``needs_ref = True`` when the estimator reads
+    ``batch.ref_logprobs``; the training module then runs the reference model even with a zero KL
+    coefficient.
     """
 
     needs_ref: ClassVar[bool] = False
@@ -61,7 +63,7 @@ class GroupNormAdvantage(Advantage):
         self.eps = eps
 
     def forward(self, batch: RolloutBatch) -> Tensor:
-        rewards = batch.rewards.to(torch.float32)
+        rewards = batch.advantage_rewards.to(torch.float32)
         mean, std, _ = group_stats(rewards, batch.group_ids)
         centred = rewards - mean
         if self.scale == "none":
@@ -73,13 +75,14 @@ class GroupNormAdvantage(Advantage):
 
 
 @ADVANTAGES.register
-class GroupMeanAdvantage(Advantage):
-    """Dr. GRPO advantage (arXiv 2503.20783, eq. 3): A_i = R_i - mean_g R, no std division."""
+class GroupMeanAdvantage(GroupNormAdvantage):
+    """Dr. GRPO advantage (arXiv 2503.20783, eq. 3): A_i = R_i - mean_g R, no std division.
 
-    def forward(self, batch: RolloutBatch) -> Tensor:
-        rewards = batch.rewards.to(torch.float32)
-        mean, _, _ = group_stats(rewards, batch.group_ids)
-        return rewards - mean
+    The YAML spelling of ``GroupNormAdvantage(scale="none")``, kept because Dr. GRPO configs name it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(scale="none")
 
 
 @ADVANTAGES.register
@@ -90,7 +93,7 @@ class RLOOAdvantage(Advantage):
     """
 
     def forward(self, batch: RolloutBatch) -> Tensor:
-        rewards = batch.rewards.to(torch.float32)
+        rewards = batch.advantage_rewards.to(torch.float32)
         mean, _, count = group_stats(rewards, batch.group_ids)
         factor = torch.where(count > 1, count / (count - 1).clamp(min=1.0), torch.zeros_like(count))
         return factor * (rewards - mean)
@@ -98,22 +101,22 @@ class RLOOAdvantage(Advantage):
 
 @ADVANTAGES.register
 class ContrastAdvantage(Advantage):
-    """Seed 001's "good vs bad" contrast advantage (not in the GSPO paper): +-(mean s_good - mean s_bad).
+    """A "good vs bad" contrast advantage some write-ups propose (in no paper): +-(mean s_good - mean s_bad).
 
-    Implemented as the seed document describes: within each group, sequences with ``R_i >= mean_g R`` are
-    "good", the rest "bad"; ``s_i = exp((1/L_i) sum_t (old_it - ref_it))`` is each sequence's
-    length-normalised ratio of the sampling policy against the reference model (the seed's
-    pi_theta / pi_ref, with theta = theta_old when advantages are computed); ``A = mean_good s - mean_bad s``;
-    good sequences get ``+A`` and bad ones ``-A``.
+    Within each group, sequences with ``R_i >= mean_g R`` are "good", the rest "bad";
+    ``s_i = exp((1/L_i) sum_t (old_it - ref_it))`` is each sequence's length-normalised ratio of the
+    sampling policy against the reference model (pi_theta / pi_ref, with theta = theta_old when advantages
+    are computed); ``A = mean_good s - mean_bad s``; good sequences get ``+A`` and bad ones ``-A``
+    (``docs/algorithms.md#advantages``).
 
     Properties (tested): the advantage does not depend on reward magnitudes beyond the split; it is
     not zero-mean within a group (sum = (n_good - n_bad) A); it is 0 when the policy equals the reference
     (all s = 1), so it needs a reference model that has drifted, hence ``needs_ref``; its sign follows the
     policy, not the reward: if pi_old already prefers bad sequences (A < 0), good ones are pushed down.
 
-    Deviation from the seed: where a group has no bad (or no good) sequence, i.e. all rewards are equal,
-    the seed's pseudo-code takes the empty mean as 0 and gives every member ``A = mean s ~ 1``, a push with
-    no reward signal; here such a group gets 0, like every other advantage. Rewards within ``tol`` of the
+    Where a group has no bad (or no good) sequence, i.e. all rewards are equal, taking the empty mean as 0
+    would give every member ``A = mean s ~ 1``, a push with no reward signal; here such a group gets 0, like
+    every other advantage. Rewards within ``tol`` of the
     group mean count as good, so float rounding cannot split an all-equal group.
 
     Args:
@@ -132,7 +135,7 @@ class ContrastAdvantage(Advantage):
                 "ContrastAdvantage needs batch.old_logprobs and batch.ref_logprobs (s_i is pi_old / pi_ref);"
                 " the training module provides both when a reference model is configured."
             )
-        rewards = batch.rewards.to(torch.float32)
+        rewards = batch.advantage_rewards.to(torch.float32)
         mean, _, _ = group_stats(rewards, batch.group_ids)
         good = rewards >= mean - self.tol * mean.abs().clamp(min=1.0)
         s = torch.exp(seq_mean(batch.old_logprobs.float() - batch.ref_logprobs.float(), batch.response_mask.bool()))

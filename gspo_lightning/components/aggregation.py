@@ -46,9 +46,6 @@ class LossCounts:
         lengths = seq_lengths(response_mask)
         return cls(num_tokens=float(lengths.sum()), num_seqs=float((lengths > 0).sum()))
 
-    def __add__(self, other: LossCounts) -> LossCounts:
-        return LossCounts(self.num_tokens + other.num_tokens, self.num_seqs + other.num_seqs)
-
 
 def check_mode(mode: str) -> None:
     if mode not in AGGREGATION_MODES:

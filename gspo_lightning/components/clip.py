@@ -2,8 +2,10 @@
 
 Every clip receives a log ratio and clamps it to ``[-LOG_RATIO_BOUND, LOG_RATIO_BOUND]`` (= +-20) before
 ``exp``: exp(20) ~ 4.9e8 is finite in float32 and bfloat16, so a log ratio of +-100 (a diverged policy or
-a -inf log-prob) gives a finite loss. Outside the bound the gradient is zero, which is what clipping
-would do there anyway.
+a -inf log-prob) gives a finite loss. It is a safety cut-off, not part of the objective: outside the bound
+the gradient is zero, which clipping alone would not give: for A < 0 above ``1 + eps_high`` the min keeps
+the unclipped term ``-A r``, whose gradient grows with r, and ``NoClip`` has no bound at all. Inside the
+bound it changes nothing (``docs/algorithms.md#clipping``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Per-token KL estimators of KL(pi_theta || pi_ref) from sampled-token log-probs (Schulman, 2020).
 
 The caller replaces padding log-probs by 0 first (:class:`PolicyObjective` does), so these are plain
-elementwise functions. ``log(ref/lp)`` is clamped to +-20 before ``exp`` in k3 for the same reason as the
-ratio (see ``clip.LOG_RATIO_BOUND``).
+elementwise functions. ``ref - lp`` (= log pi_ref / pi_theta) is clamped to +-20 before ``exp`` in k3 for
+the same reason as the ratio (see ``clip.LOG_RATIO_BOUND``). As loss terms they pull differently: k1 has
+zero expected gradient, k2's is the gradient of KL(pi_theta || pi_ref), k3's that of KL(pi_ref || pi_theta)
+(``docs/algorithms.md#kl-penalty``).
 """
 
 from __future__ import annotations

@@ -24,10 +24,10 @@ truncation caps from above only (as both); masking is two-sided with ``C_low = 1
 verl (TRL masks above C only: pass ``threshold_lower=0``); log-weights are clamped to
 ``[-LOG_WEIGHT_BOUND, LOG_WEIGHT_BOUND]`` before ``exp`` so weights stay finite (verl's safety bound).
 
-How the module uses it: multiply the per-token loss by ``weights`` before aggregation
-(:func:`apply_weights`). In mask mode ``keep`` is the response mask without the rejected tokens: use it
-for the loss normalisation counts to leave them out of the denominator too (verl), or keep the full mask
-(TRL).
+How the module uses it: :class:`~gspo_lightning.components.objective.PolicyObjective` multiplies the
+per-token loss by the detached ``weights`` before aggregation (its ``token_weights``), so every aggregation
+mode sees the corrected terms. Tokens that mask mode rejects get weight 0 but stay in the loss
+denominators, as in TRL (verl leaves them out of the denominator too).
 """
 
 from __future__ import annotations
@@ -50,12 +50,10 @@ class MismatchOutput:
     Attributes:
         weights: (N, T) detached importance weights to multiply the per-token loss by; 0 on padding and on
             masked-out tokens.
-        keep: (N, T) bool, the response mask less the tokens that mask mode rejected.
         metrics: detached scalars, ``sampling/...``.
     """
 
     weights: Tensor
-    keep: Tensor
     metrics: dict[str, Tensor]
 
 
@@ -67,7 +65,8 @@ class MismatchCorrection(nn.Module):
             ``"geometric"`` (the per-token geometric mean over the sequence).
         mode: ``"truncate"`` caps weights at ``threshold`` (TIS); ``"mask"`` zeroes weights outside
             ``[threshold_lower, threshold]`` (MIS).
-        threshold: the cap C (> 1 for a correction to have room; TRL and verl default to 2).
+        threshold: the cap C (> 1 for a correction to have room; verl's helpers default to 2, TRL's
+            current default is 3).
         threshold_lower: the lower bound of mask mode; None means ``1 / threshold``.
     """
 
@@ -124,8 +123,7 @@ class MismatchCorrection(nn.Module):
             weights = raw * inside
             changed = ~inside
         weights = torch.where(mask, weights, 0.0)
-        keep = mask & ~changed if self.mode == "mask" else mask
-        return MismatchOutput(weights=weights, keep=keep, metrics=self._metrics(diff, weights, changed, mask))
+        return MismatchOutput(weights=weights, metrics=self._metrics(diff, weights, changed, mask))
 
     def _metrics(self, diff: Tensor, weights: Tensor, changed: Tensor, mask: Tensor) -> dict[str, Tensor]:
         count = mask.sum().clamp(min=1).float()
@@ -142,13 +140,3 @@ class MismatchCorrection(nn.Module):
             "sampling/is_weight_min": torch.where(torch.isinf(weight_min), 1.0, weight_min),
             frac_name: (changed & mask).sum() / count,
         }
-
-
-def apply_weights(per_token_loss: Tensor, weights: Tensor) -> Tensor:
-    """The per-token loss reweighted by detached importance weights: ``(N, T) * (N, T)``.
-
-    Apply it before aggregation, so every aggregation mode (token-mean, seq-mean-token-mean, ...) sees the
-    corrected terms; at sequence level the weight is constant within a sequence, which weights the whole
-    sequence's contribution.
-    """
-    return per_token_loss * weights.detach().to(per_token_loss.dtype)

@@ -1,8 +1,8 @@
 """`PolicyObjective`: the composition ratio -> clip -> aggregation (+ beta * KL).
 
-``loss = agg(clip(exp(ratio(lp, old, m)), A)) + kl_coef * agg(kl(lp, ref))`` (ALGORITHMS.md, "How the
-pieces meet"). Padding log-probs are replaced by 0 before any component sees them, so -inf or NaN at
-padding never reaches the loss or its gradient.
+``loss = agg(clip(exp(ratio(lp, old, m)), A)) + kl_coef * agg(kl(lp, ref))``
+(``docs/algorithms.md#how-the-pieces-meet``). Padding log-probs are replaced by 0 before any component sees
+them, so -inf or NaN at padding never reaches the loss or its gradient.
 """
 
 from __future__ import annotations

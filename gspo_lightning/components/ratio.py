@@ -1,8 +1,9 @@
 """Importance ratios, returned per token in log space.
 
-Notation (see ALGORITHMS.md): ``delta = lp - old``, ``m`` the response mask, ``L_i = sum_t m_it``,
-``sg`` = stop-gradient. Every ratio returns a (N, T) log ratio that is 0 at padding, so padding never
-changes a result, and a -inf log-prob at padding cannot produce NaN.
+Notation (``docs/algorithms.md#notation``): ``delta = lp - old``, ``m`` the response mask,
+``L_i = sum_t m_it``, ``sg`` = stop-gradient. Every ratio returns a (N, T) log ratio that is 0 at padding,
+so padding never changes a result, and a -inf log-prob at padding cannot produce NaN. The equations, with
+their gradients: ``docs/algorithms.md#ratios``.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class SequenceRatio(Ratio):
 
     The length-normalised ratio is the geometric mean of the token ratios, so it does not grow or shrink
     with the response length. ``length_normalize=False`` gives the un-normalised full-sequence ratio
-    ``sum_t delta_it`` (the seeds' "Hello world" example, and the right quantity for a rollout/trainer
-    mismatch correction); it is not what the GSPO paper optimises.
+    ``sum_t delta_it`` (the right quantity for a rollout/trainer mismatch correction); it is not what the
+    GSPO paper optimises (``docs/algorithms.md#where-popular-write-ups-go-wrong``).
 
     Args:
         length_normalize: divide the summed log ratio by the response length ``L_i``.

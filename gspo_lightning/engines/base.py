@@ -64,10 +64,6 @@ class Generation:
     truncated: Tensor
     logprobs: Tensor | None = None
 
-    @property
-    def finish_reasons(self) -> list[str]:
-        return ["length" if t else "stop" for t in self.truncated.tolist()]
-
 
 class RolloutEngine(ABC):
     """Base class of rollout engines."""
@@ -76,7 +72,16 @@ class RolloutEngine(ABC):
         self.sampling = SamplingConfig()
 
     def configure(self, sampling: SamplingConfig, tokenizer) -> None:
-        """Called once by the data module with the run's sampling settings and tokenizer."""
+        """Called once by the data module with the run's sampling settings and tokenizer.
+
+        Raises:
+            ValueError: the tokenizer has no pad token (``gspo_lightning.models.load_tokenizer`` sets one).
+        """
+        if tokenizer.pad_token_id is None:
+            raise ValueError(
+                "The tokenizer has no pad token: load it with gspo_lightning.models.load_tokenizer, which uses"
+                " the EOS token as pad when a tokenizer has none."
+            )
         self.sampling = sampling
         self.tokenizer = tokenizer
 

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gspo_lightning.distributed import is_sharded
 from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine, pad_left, response_mask_until_eos
+from gspo_lightning.sharding import is_sharded
 
 
 @ENGINES.register
@@ -45,7 +45,7 @@ class TransformersEngine(RolloutEngine):
         if self.policy is None:
             raise RuntimeError("TransformersEngine.generate called before bind(policy).")
         tok = self.tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad_id = tok.pad_token_id
         eos = tok.eos_token_id
         eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos))
         ids, mask = pad_left(prompt_ids, pad_id)

@@ -241,7 +241,7 @@ class VLLMEngine(RolloutEngine):
         if self.llm is None:
             raise RuntimeError("VLLMEngine.generate called before bind(policy).")
         tok = self.tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad_id = tok.pad_token_id
         eos = tok.eos_token_id
         stop = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         params = self._sampling_params(

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
-from gspo_lightning.distributed import is_zero3
+from gspo_lightning.sharding import is_zero3
 
 log = logging.getLogger(__name__)
 _EXPERT_WEIGHTS = ("w13_weight", "w2_weight")

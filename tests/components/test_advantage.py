@@ -1,10 +1,10 @@
-"""Advantages: group-normalised, group-mean, RLOO, and the seed-001 contrast advantage."""
+"""Advantages: group-normalised, group-mean, RLOO, and the contrast advantage (docs/algorithms.md#advantages)."""
 
 import math
 
 import pytest
 import torch
-from conftest import make_batch
+from support import make_batch
 
 from gspo_lightning import (
     ClipOutput,
@@ -68,14 +68,14 @@ def _contrast_batch(rewards, seq_ratios, lengths):
     )
 
 
-def test_contrast_seed_001_worked_example():
-    # seed 001: r = (8, 6, 4), mean 6 -> good {1, 2}, bad {3}; s = (1.051, 1.050, 0.950), L = (5, 7, 6)
+def test_contrast_worked_example():
+    # r = (8, 6, 4), mean 6 -> good {1, 2}, bad {3}; s = (1.051, 1.050, 0.950), L = (5, 7, 6)
     # s_good = (1.051 + 1.050)/2 = 1.0505; s_bad = 0.950; A = 0.1005 -> (+A, +A, -A)
     batch = _contrast_batch([8, 6, 4], [1.051, 1.050, 0.950], [5, 7, 6])
     adv = ContrastAdvantage()(batch)
     torch.testing.assert_close(adv, torch.tensor([0.1005, 0.1005, -0.1005]), atol=1e-5, rtol=0)
     # per-sequence losses -min(s A, clip(s) A) = (-0.1057, -0.1055, +0.0955); their mean is -0.0386
-    # (the seed prints 0.1022: it summed the magnitudes with the signs dropped)
+    # (a popular write-up prints 0.1022, the mean of the magnitudes with the signs dropped)
     log_s = torch.log(torch.tensor([[1.051], [1.050], [0.950]]))
     out: ClipOutput = PPOClip(0.2, 0.2)(log_s, adv)
     torch.testing.assert_close(out.loss[:, 0], torch.tensor([-0.1057, -0.1055, 0.0955]), atol=1e-4, rtol=0)
@@ -98,7 +98,7 @@ def test_contrast_properties():
     # the sign follows the policy: if bad sequences have the larger ratio, good ones get a negative advantage
     flipped = ContrastAdvantage()(_contrast_batch([8, 6, 4], [0.9, 0.9, 1.1], [5, 7, 6]))
     assert flipped[0] < 0 and flipped[2] > 0
-    # all rewards equal (no bad half): 0, where the seed's pseudo-code would give every member mean s ~ 1
+    # all rewards equal (no bad half): 0, where taking the empty mean as 0 would give every member mean s ~ 1
     equal = ContrastAdvantage()(_contrast_batch([0.1, 0.1, 0.1], [1.2, 1.1, 0.9], [5, 7, 6]))
     torch.testing.assert_close(equal, torch.zeros(3))
     assert ContrastAdvantage.needs_ref

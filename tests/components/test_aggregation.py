@@ -63,6 +63,6 @@ def test_micro_batches_with_global_counts_equal_whole_batch(lengths, splits, mod
     torch.testing.assert_close(torch.stack(parts).sum(), whole, rtol=1e-5, atol=1e-6)
 
 
-def test_counts_add_across_ranks():
-    a = LossCounts.from_mask(MASK)
-    assert (a + a) == LossCounts(num_tokens=6.0, num_seqs=4.0)
+def test_counts_skip_empty_sequences():
+    mask = torch.tensor([[True, True, False], [False, False, False], [True, False, False]])
+    assert LossCounts.from_mask(mask) == LossCounts(num_tokens=3.0, num_seqs=2.0)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gspo_lightning.components.mismatch import LOG_WEIGHT_BOUND, MismatchCorrection, apply_weights
+from gspo_lightning.components.mismatch import LOG_WEIGHT_BOUND, MismatchCorrection
 
 # Trainer (old) and engine (rollout) log-probs of 2 responses: 3 tokens, and 2 tokens + 1 pad.
 # old - rollout per token: row 0 (0.5, 0.0, -2.0), row 1 (0.0, 1.0, pad)
@@ -25,7 +25,7 @@ def test_token_truncate():
     expected = torch.tensor([[math.exp(0.5), 1.0, math.exp(-2.0)], [1.0, 2.0, 0.0]])
     torch.testing.assert_close(out.weights, expected)
     torch.testing.assert_close(out.metrics["sampling/is_clipped_frac"], torch.tensor(1 / 5))
-    assert torch.equal(out.keep, MASK)
+    assert torch.equal(out.weights > 0, MASK)  # truncation rejects nothing
 
 
 def test_token_mask_is_two_sided_with_reciprocal_lower_bound():
@@ -33,7 +33,7 @@ def test_token_mask_is_two_sided_with_reciprocal_lower_bound():
     out = weights("token", "mask")
     expected = torch.tensor([[math.exp(0.5), 1.0, 0.0], [1.0, 0.0, 0.0]])
     torch.testing.assert_close(out.weights, expected)
-    assert out.keep.tolist() == [[True, True, False], [True, False, False]]
+    assert (out.weights > 0).tolist() == [[True, True, False], [True, False, False]]
     torch.testing.assert_close(out.metrics["sampling/is_masked_frac"], torch.tensor(2 / 5))
 
 
@@ -57,7 +57,7 @@ def test_sequence_mask_drops_whole_sequences():
     out = weights("sequence", "mask", threshold=4.0)
     expected = torch.tensor([[0.0, 0.0, 0.0], [E, E, 0.0]])
     torch.testing.assert_close(out.weights, expected)
-    assert out.keep.tolist() == [[False, False, False], [True, True, False]]
+    assert (out.weights > 0).tolist() == [[False, False, False], [True, True, False]]
 
 
 def test_geometric_is_the_length_normalised_sequence_weight():
@@ -128,7 +128,7 @@ def test_no_gradient_flows_through_the_weights():
     out = MismatchCorrection()(old, ROLLOUT, MASK)
     assert not out.weights.requires_grad
     loss = torch.ones(2, 3, requires_grad=True)
-    apply_weights(loss, out.weights).sum().backward()
+    (loss * out.weights).sum().backward()
     torch.testing.assert_close(loss.grad, out.weights)
 
 

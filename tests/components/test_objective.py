@@ -1,4 +1,4 @@
-"""PolicyObjective: the composition, its metrics, and the properties ALGORITHMS.md asks for."""
+"""PolicyObjective: the composition, its metrics, and the properties of docs/algorithms.md#how-the-pieces-meet."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Ratios against the seeds' hand-worked examples and ALGORITHMS.md."""
+"""Ratios against hand-worked examples and the definitions in docs/algorithms.md#ratios."""
 
 import math
 
@@ -7,20 +7,20 @@ import torch
 
 from gspo_lightning import PPOClip, SequenceRatio, SequenceTokenRatio, TokenRatio
 
-# Seed 002: response "机器学习很实用" of 4 tokens plus one pad; second response of 3 tokens.
+# A response of 4 tokens plus one pad, and a second response of 3 tokens.
 LP = torch.tensor([[-2.0, -1.8, -1.5, -1.2, 0.0], [-1.9, -1.6, -1.3, 0.0, 0.0]])
 OLD = torch.tensor([[-2.2, -2.0, -1.6, -1.3, 0.0], [-2.1, -1.8, -1.5, 0.0, 0.0]])
 MASK = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
 
 
-def test_seed_002_sequence_log_ratio():
+def test_sequence_log_ratio_is_the_mean_token_delta():
     # deltas (0.2, 0.2, 0.1, 0.1) -> (0.2+0.2+0.1+0.1)/4 = 0.15; second: (0.2+0.2+0.2)/3 = 0.2
     out = SequenceRatio()(LP, OLD, MASK)
     expected = torch.tensor([[0.15, 0.15, 0.15, 0.15, 0.0], [0.2, 0.2, 0.2, 0.0, 0.0]])
     torch.testing.assert_close(out, expected)
 
 
-def test_seed_002_gspo_token_has_same_value():
+def test_gspo_token_has_same_value():
     torch.testing.assert_close(SequenceTokenRatio()(LP, OLD, MASK), SequenceRatio()(LP, OLD, MASK))
 
 
@@ -30,7 +30,7 @@ def test_token_ratio_is_delta_and_zero_at_padding():
     torch.testing.assert_close(out, expected)
 
 
-def test_seed_004_hello_world_clips_to_1_2():
+def test_hello_world_clips_to_1_2():
     # "Hello world": p_old = (0.20, 0.10), p_new = (0.25, 0.30): token ratios 1.25 and 3.0.
     lp = torch.log(torch.tensor([[0.25, 0.30]]))
     old = torch.log(torch.tensor([[0.20, 0.10]]))
@@ -52,7 +52,7 @@ def test_seed_004_hello_world_clips_to_1_2():
 
 
 @pytest.mark.parametrize("length", [1, 3, 10, 50])
-def test_seed_001_geometric_mean_is_length_independent(length):
+def test_geometric_mean_is_length_independent(length):
     # every token goes 0.3 -> 0.4: the full ratio is (4/3)^L, its L-th root 1.333 at any L
     lp = torch.full((1, length), math.log(0.4))
     old = torch.full((1, length), math.log(0.3))

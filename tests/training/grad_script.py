@@ -14,6 +14,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from gspo_lightning.data import AdditionTask
 from gspo_lightning.datamodule import RolloutDataModule
+from gspo_lightning.engines import SamplingConfig
 from gspo_lightning.module import GSPOModule
 from gspo_lightning.rewards import FunctionReward
 
@@ -43,7 +44,7 @@ class CaptureGrad(GSPOModule):
         super().__init__(**kwargs)
         self.out = out
 
-    def _clip_and_norm(self):
+    def on_before_optimizer_step(self, optimizer):
         grads = {}
         for name, param in self.policy.named_parameters():
             grad = param.grad if param.grad is not None else torch.zeros_like(param)
@@ -53,7 +54,7 @@ class CaptureGrad(GSPOModule):
             grads[name] = grad.detach().clone()
         if self.trainer.is_global_zero:
             torch.save(grads, self.out)
-        return super()._clip_and_norm()
+        super().on_before_optimizer_step(optimizer)
 
 
 def main(out: str, devices: int, strategy: str) -> None:
@@ -63,6 +64,7 @@ def main(out: str, devices: int, strategy: str) -> None:
         tokenizer=MODEL,
         prompts_per_step=4,
         num_samples=4,
+        sampling=SamplingConfig(max_new_tokens=8),
     )
     module = CaptureGrad(
         out,

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from .test_cli_fit import tiny_args
+from support import tiny_args
 
 HERE = Path(__file__).parent
 pytestmark = pytest.mark.distributed

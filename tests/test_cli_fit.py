@@ -2,10 +2,10 @@
 
 import json
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from support import ROOT, CountingEngine, RecordBatches, scalars, tiny_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gspo_lightning.cli import cli_main
@@ -31,49 +31,6 @@ REQUIRED_TAGS = [
     "moe/router_entropy",
     "moe/routing_change_frac",
 ]
-
-
-def tiny_args(root: Path, *extra: str, max_steps: int = 4) -> list[str]:
-    """A run of max_steps / 2 rollout batches of 4 prompts x 4 samples, 2 mini-batches each."""
-    return [
-        "--config",
-        str(Path(__file__).parents[2] / "configs" / "demo.yaml"),
-        "--model.model",
-        "builtin:tiny-qwen3-moe-random",
-        "--model.mini_batches",
-        "2",
-        "--data.prompts.init_args.num_train",
-        "64",
-        "--data.prompts.init_args.num_val",
-        "8",
-        "--data.prompts_per_step",
-        "4",
-        "--data.num_samples",
-        "4",
-        "--data.val_batch_size",
-        "8",
-        "--trainer.max_steps",
-        str(max_steps),
-        "--trainer.val_check_interval",
-        "2",
-        "--trainer.default_root_dir",
-        str(root),
-        "--trainer.enable_progress_bar",
-        "false",
-        *extra,
-    ]
-
-
-def scalars(log_dir: Path) -> dict[str, list]:
-    events = sorted(log_dir.glob("events.out.tfevents.*"))
-    assert events, f"no TensorBoard event file in {log_dir}"
-    out: dict[str, list] = {}
-    for path in events:
-        acc = EventAccumulator(str(path))
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend(acc.Scalars(tag))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -115,19 +72,22 @@ def test_resume_continues_at_the_right_step_and_prompt(fitted, tmp_path):
     assert ckpt["global_step"] == 4
     state = ckpt["RolloutDataModule"]
     assert state["steps"] == 2 and state["cursor"] == 8  # 2 rollout batches of 4 prompts
-    cli = cli_main(["fit", *tiny_args(tmp_path, max_steps=8), "--ckpt_path", str(ckpt_path)])
+    RecordBatches.prompt_indices.clear()
+    resume = tiny_args(tmp_path, "--trainer.callbacks+=support.RecordBatches", max_steps=8)
+    cli = cli_main(["fit", *resume, "--ckpt_path", str(ckpt_path)])
     assert cli.trainer.global_step == 8
     assert cli.datamodule.steps == 4 and cli.datamodule.cursor == 16
     # the prompts the resumed run trained on are the ones after the checkpoint's position
     order = cli.datamodule._rank_order(0)
-    assert cli.model.last_batch.prompt_index[0].item() == order[12].record.index
+    assert RecordBatches.prompt_indices[0][0] == order[8].record.index
+    assert RecordBatches.prompt_indices[-1][0] == order[12].record.index
 
 
 def test_grpo_preset_stacks_on_the_demo(tmp_path):
-    grpo = Path(__file__).parents[2] / "configs" / "algorithms" / "grpo.yaml"
+    grpo = ROOT / "configs" / "algorithms" / "grpo.yaml"
     cli = cli_main(["fit", *tiny_args(tmp_path, "--config", str(grpo), max_steps=2)])
     assert type(cli.model.objective.ratio).__name__ == "TokenRatio"
-    assert cli.model.kl_coef == 0.04 and cli.model.reference is not None
+    assert cli.model.objective.kl_coef == 0.04 and cli.model.reference is not None
     assert "policy/kl" in scalars(tmp_path / "lightning_logs" / "version_0")
 
 
@@ -226,3 +186,14 @@ def test_routing_replay_from_the_cli_logs_zero_change(tmp_path):
     cli_main(["fit", *tiny_args(tmp_path, "--model.routing_replay", "true", max_steps=2)])
     values = [e.value for e in scalars(tmp_path / "lightning_logs" / "version_0")["moe/routing_change_frac"]]
     assert values and all(v == 0.0 for v in values)
+
+
+def test_the_policy_is_bound_once_per_run_and_synced_once_per_update(tmp_path):
+    CountingEngine.binds.clear()
+    CountingEngine.syncs.clear()
+    # 3 rollout batches with a validation after the 2nd, held-out reports before and after training
+    cli = cli_main(["fit", *tiny_args(tmp_path, "--data.engine", "support.CountingEngine", max_steps=6)])
+    policy = id(cli.model.policy)
+    assert CountingEngine.binds == [policy], "one bind per run, whoever generates first"
+    assert CountingEngine.syncs == [policy] * 3, "one weight push per rollout batch, none for evaluations"
+    assert "time/weight_sync_s" in scalars(tmp_path / "lightning_logs" / "version_0")

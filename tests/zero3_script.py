@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from gspo_lightning.distributed import full_state_dict, is_zero3
 from gspo_lightning.engines.vllm_weights import iter_full_weights
+from gspo_lightning.sharding import full_state_dict, is_zero3
 
 
 def same(a: dict, b: dict) -> bool:

@@ -4,9 +4,8 @@ import pytest
 import torch
 import transformers
 
-from gspo_lightning.logprobs import response_logprobs
-from gspo_lightning.moe import moe_layout
-from gspo_lightning.routing import RoutingController, routing_change_frac
+from gspo_lightning.moe import MoELayout, RoutingController, moe_layout, routing_change_frac
+from gspo_lightning.training.logprobs import response_logprobs
 
 SMALL = dict(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 FAMILIES = {
@@ -30,7 +29,7 @@ def _model(config_name: str):
 @pytest.mark.parametrize("config_name", list(FAMILIES))
 def test_record_replay_and_aux_loss(config_name):
     model = _model(config_name)
-    assert moe_layout(model.config) == (4, 2)
+    assert moe_layout(model.config) == MoELayout(num_experts=4, top_k=2)
     control = RoutingController(model)
     assert control.num_layers == 2
     ids = torch.randint(1, 32, (3, 7))

@@ -6,7 +6,8 @@ import torch
 from gspo_lightning import TokenRatio
 from gspo_lightning.components.aggregation import LossCounts
 from gspo_lightning.module import GSPOModule
-from gspo_lightning.routing import RoutingController, find_routers, routing_change_frac
+from gspo_lightning.moe import RoutingController, find_routers, routing_change_frac
+from gspo_lightning.training.logprobs import response_logprobs
 
 
 def _module(tiny_path, **kwargs):
@@ -22,17 +23,21 @@ def _perturb(model, scale=0.5):
             router.weight.add_(scale * torch.randn_like(router.weight))
 
 
+def _prepare(module, batch):
+    return module.pre_update(batch, module.policy, module.reference, module.routing).apply(batch)
+
+
 def _step(module, batch):
     counts = LossCounts.from_mask(batch.response_mask)
-    with module._routing_context(batch):
-        loss, metrics = module._micro_step(batch, counts)
+    with module.routing_context(batch):
+        loss, metrics = module.policy_loss(module.policy, batch, counts, module.routing)
         loss.backward()
     return metrics
 
 
 def test_replay_routes_exactly_as_recorded(tiny_path, rollout):
     module = _module(tiny_path, routing_replay=True, mini_batches=2)
-    batch = module.prepare_batch(rollout)
+    batch = _prepare(module, rollout)
     assert batch.routing is not None and batch.routing.shape[:3] == (16, 2, batch.input_ids.shape[1])
     _perturb(module.policy)  # an update that reshuffles the experts
     batch.advantages = torch.linspace(-1, 1, len(batch))  # the untrained model earns no reward
@@ -45,27 +50,31 @@ def test_replay_routes_exactly_as_recorded(tiny_path, rollout):
 
 def test_without_replay_the_change_fraction_is_positive(tiny_path, rollout):
     module = _module(tiny_path, routing_replay=False, mini_batches=2)
-    batch = module.prepare_batch(rollout)
+    batch = _prepare(module, rollout)
     _perturb(module.policy)
     metrics = _step(module, batch)
     assert 0.0 < metrics["moe/routing_change_frac"].item() <= 1.0
 
 
+def _logprobs(model, batch):
+    return response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_mask.shape[1]).logprobs
+
+
 def test_replay_changes_the_log_probs_after_a_reshuffle(tiny_path, rollout):
     module = _module(tiny_path, routing_replay=True, mini_batches=2)
-    batch = module.prepare_batch(rollout)
+    batch = _prepare(module, rollout)
     _perturb(module.policy)
     with torch.no_grad():
         with module.routing.replaying(batch.input_ids, batch.routing):
-            replayed = module._forward(batch, module.policy).logprobs
-        free = module._forward(batch, module.policy).logprobs
+            replayed = _logprobs(module.policy, batch)
+        free = _logprobs(module.policy, batch)
     mask = batch.response_mask
     assert not torch.allclose(replayed[mask], free[mask])
 
 
 def test_on_policy_ratios_are_exactly_one_with_replay(tiny_path, rollout):
     module = _module(tiny_path, routing_replay=True, mini_batches=1)
-    batch = module.prepare_batch(rollout)
+    batch = _prepare(module, rollout)
     assert batch.old_logprobs is None and batch.routing is not None
     metrics = _step(module, batch)
     assert metrics["policy/ratio_min"].item() == 1.0 and metrics["policy/ratio_max"].item() == 1.0

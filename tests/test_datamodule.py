@@ -5,6 +5,7 @@ import torch
 
 from gspo_lightning.data import AdditionTask
 from gspo_lightning.datamodule import RolloutDataModule
+from gspo_lightning.engines import SamplingConfig
 from gspo_lightning.rewards import FunctionReward
 
 
@@ -15,6 +16,7 @@ def _dm(tiny_path, **kwargs):
         prompts_per_step=4,
         num_samples=3,
         val_num_samples=2,
+        sampling=SamplingConfig(max_new_tokens=8),
     )
     dm = RolloutDataModule(**{**defaults, **kwargs})
     return dm

@@ -18,7 +18,7 @@ activation volatility"): the fraction of (response token, MoE layer) pairs whose
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Literal
 
 import torch
@@ -61,15 +61,12 @@ class RoutingController:
         self._shape: tuple[int, int] = (0, 0)  # (n, S) of the forward being recorded or replayed
         self._replay: Tensor | None = None  # (n, L, S, k)
         self._recorded: list[Tensor | None] = [None] * len(self.routers)
-        self._handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
+        for i, router in enumerate(self.routers):
+            router.register_forward_hook(self._hook(i))
 
     @property
     def num_layers(self) -> int:
         return len(self.routers)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
     def _hook(self, layer: int):
         def hook(module: nn.Module, inputs, output):
@@ -120,20 +117,26 @@ class RoutingController:
         finally:
             self.mode, self._shape = previous
 
-    @staticmethod
-    def context(controller: RoutingController | None, input_ids: Tensor, experts: Tensor | None, replay: bool):
-        """The context for a forward on ``input_ids``: replay ``experts`` when asked, else record; a no-op
-        without a controller or recorded experts."""
-        if controller is None or experts is None:
-            return nullcontext()
-        return controller.replaying(input_ids, experts) if replay else controller.recording(input_ids)
-
     def recorded(self) -> Tensor:
         """(n, L, S, k) experts of the last recorded or replayed forward, as small integers."""
         if any(r is None for r in self._recorded):
             raise RuntimeError("No routing was recorded: run a forward inside recording() or replaying() first.")
         stacked = torch.stack(self._recorded, dim=1)
         return stacked.to(torch.uint8 if int(stacked.max()) < 256 else torch.int16)
+
+
+def routing_context(
+    controller: RoutingController | None, input_ids: Tensor, experts: Tensor | None, replay: bool
+) -> AbstractContextManager[None]:
+    """The routing context of a forward (and its backward) on ``input_ids`` (n, S).
+
+    Replays ``experts`` (n, L, S, k) when ``replay``, else records the experts chosen, so that
+    :func:`routing_change_frac` can compare them with ``experts``. A no-op for a dense model (no controller)
+    or when nothing was recorded for this batch (``experts`` is None).
+    """
+    if controller is None or experts is None:
+        return nullcontext()
+    return controller.replaying(input_ids, experts) if replay else controller.recording(input_ids)
 
 
 def routing_change_frac(old: Tensor, new: Tensor, response_mask: Tensor) -> Tensor:

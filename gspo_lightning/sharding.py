@@ -1,0 +1,71 @@
+"""Sharded models: FSDP2 sharding per decoder layer, sharding predicates, and gathering full weights.
+
+This module knows about parameters, not about training loops: the training side
+(:mod:`gspo_lightning.training.strategy`) and the rollout engines, which hold their own copy of the weights,
+both import it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a transformers model (its ``_no_split_modules`` classes)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(
+            f"Cannot find the decoder layers of {type(model).__name__} (no _no_split_modules classes): FSDP2 shards"
+            " each transformer block separately and needs to know which modules they are."
+        )
+    return layers
+
+
+def shard_fsdp2(model: nn.Module, mesh, mixed_precision: bool = False, cpu_offload: bool = False) -> nn.Module:
+    """Apply ``fully_shard`` to every decoder layer, then to the whole model (FSDP2).
+
+    Args:
+        model: the (unsharded) model; sharded in place.
+        mesh: the data-parallel device mesh.
+        mixed_precision: compute in bfloat16, reduce gradients in float32.
+        cpu_offload: keep parameters and optimizer state on the CPU between uses.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"mesh": mesh}
+    if mixed_precision:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when some parameter is a DTensor (FSDP2 / tensor parallel)."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def is_zero3(model: nn.Module) -> bool:
+    """True when DeepSpeed ZeRO-3 partitions the parameters (they carry a ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The full (unsharded) state dict on the CPU. A collective call when the model is sharded (FSDP2
+    DTensors, DeepSpeed ZeRO-3): every rank must make it; each gets the full weights."""
+    if is_zero3(model):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            return {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
+        return get_model_state_dict(model, options=options)
+    return {name: value.detach().cpu() for name, value in model.state_dict().items()}

@@ -1,0 +1,224 @@
+"""The pre-update pass: everything computed once per rollout batch, without gradient, before any update.
+
+In order (docs/algorithms.md, "How the pieces meet"): pi_old's log-probs (from one of the sources named by
+:data:`OldLogprobSource`), pi_old's MoE routing when Routing Replay or the routing-change metric needs it,
+the rollout/trainer mismatch weights, the reference model's log-probs, the KL penalty when it is applied in
+the reward, and the advantages. :class:`PreUpdatePass` returns all of it as a :class:`PreUpdateResult`;
+it never writes to the batch it is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from gspo_lightning.batch import RolloutBatch
+from gspo_lightning.components.advantage import Advantage
+from gspo_lightning.components.kl import KL
+from gspo_lightning.components.mismatch import MismatchCorrection
+from gspo_lightning.moe.routing import RoutingController
+from gspo_lightning.ops import seq_sum
+from gspo_lightning.training.logprobs import response_logprobs
+from gspo_lightning.training.splits import micro_batch_indices
+
+OldLogprobs = Literal["auto", "recompute", "rollout"]
+"""The user's choice (``model.old_logprobs``)."""
+
+OldLogprobSource = Literal["trainer", "rollout", "none"]
+"""Where pi_old comes from in a run: the trainer's own no-grad pass, the rollout engine's reported
+log-probs, or nowhere (exactly on-policy: pi_old = pi_theta, and the update detaches its own log-probs)."""
+
+
+def is_on_policy(mini_batches: int, epochs: int, old_logprobs: OldLogprobs) -> bool:
+    """Whether the only update of a rollout batch is made by the policy that sampled it."""
+    return mini_batches == 1 and epochs == 1 and old_logprobs == "auto"
+
+
+def old_logprob_source(old_logprobs: OldLogprobs, on_policy: bool, needs_trainer_old: bool) -> OldLogprobSource:
+    """Resolve ``model.old_logprobs`` for a run.
+
+    - ``"rollout"``: the engine's log-probs stand in for pi_old, whatever else holds.
+    - ``"recompute"``: always the trainer's pass.
+    - ``"auto"``: the trainer's pass when the update is off-policy or something else reads the trainer's
+      pi_old (``needs_trainer_old``: the KL penalty in the reward, the mismatch correction); otherwise none.
+    """
+    if old_logprobs == "rollout":
+        return "rollout"
+    if old_logprobs == "recompute" or not on_policy or needs_trainer_old:
+        return "trainer"
+    return "none"
+
+
+@torch.no_grad()
+def no_grad_logprobs(
+    model: nn.Module,
+    batch: RolloutBatch,
+    temperature: float,
+    micro_batch_size: int | None,
+    routing: RoutingController | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs of the batch's responses in eval mode (no dropout), one micro-batch at a time.
+
+    Returns:
+        (N, T) log-probs, and with ``routing`` the (N, L, P+T, k) experts the model chose (else None).
+    """
+    was_training = model.training
+    model.eval()
+    parts, experts = [], []
+    try:
+        for index in micro_batch_indices(len(batch), micro_batch_size):
+            micro = batch.select(index)
+            with routing.recording(micro.input_ids) if routing is not None else nullcontext():
+                out = response_logprobs(
+                    model, micro.input_ids, micro.attention_mask, micro.response_mask.shape[1], temperature
+                )
+            parts.append(out.logprobs)
+            if routing is not None:
+                experts.append(routing.recorded())
+    finally:
+        model.train(was_training)
+    return torch.cat(parts), torch.cat(experts) if routing is not None else None
+
+
+@dataclass
+class PreUpdateResult:
+    """What the pre-update pass computed for one rollout batch (see ``RolloutBatch`` for shapes).
+
+    Attributes:
+        advantages: (N,) or (N, T).
+        old_logprobs: pi_old's log-probs, or None when the source is ``"none"``.
+        ref_logprobs: the reference model's log-probs, or None without a reference model.
+        routing: pi_old's experts, or None when not recorded.
+        is_weights: the mismatch correction's importance weights, or None.
+        penalised_rewards: rewards less the KL penalty, or None when the KL term is not in the reward.
+        metrics: ``time/*``, ``sampling/*`` and ``rollout/kl_penalty_mean`` scalars.
+    """
+
+    advantages: Tensor
+    old_logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    routing: Tensor | None = None
+    is_weights: Tensor | None = None
+    penalised_rewards: Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def apply(self, batch: RolloutBatch) -> RolloutBatch:
+        """A copy of ``batch`` carrying these results (the batch itself is left as it is)."""
+        return dataclasses.replace(
+            batch,
+            advantages=self.advantages,
+            old_logprobs=self.old_logprobs,
+            ref_logprobs=self.ref_logprobs,
+            routing=self.routing,
+            is_weights=self.is_weights,
+            penalised_rewards=self.penalised_rewards,
+            metrics={**batch.metrics, **self.metrics},
+        )
+
+
+class PreUpdatePass:
+    """Computes a :class:`PreUpdateResult` per rollout batch.
+
+    Args:
+        advantage: the advantage estimator.
+        old_logprobs: the user's ``model.old_logprobs`` choice.
+        on_policy: see :func:`is_on_policy`.
+        kl: the KL estimator applied in the reward, or None (a KL term in the loss is the objective's).
+        kl_in_reward_coef: beta of the KL penalty in the reward: ``R_i - beta * sum_t m_it kl_it(old, ref)``.
+        mismatch_correction: rollout/trainer importance weights, or None.
+        temperature: the sampling temperature (the log-probs describe the sampled distribution).
+        micro_batch_size: sequences per no-grad forward (None: the whole batch).
+        record_routing: record pi_old's experts (Routing Replay, or the routing-change metric off-policy).
+    """
+
+    def __init__(
+        self,
+        advantage: Advantage,
+        old_logprobs: OldLogprobs,
+        on_policy: bool,
+        kl: KL | None = None,
+        kl_in_reward_coef: float = 0.0,
+        mismatch_correction: MismatchCorrection | None = None,
+        temperature: float = 1.0,
+        micro_batch_size: int | None = None,
+        record_routing: bool = False,
+    ) -> None:
+        if old_logprobs == "rollout" and mismatch_correction is not None:
+            raise ValueError("old_logprobs='rollout' makes pi_old the engine's: there is no mismatch to correct.")
+        self.advantage = advantage
+        self.kl = kl if kl_in_reward_coef > 0 else None
+        self.kl_in_reward_coef = kl_in_reward_coef
+        self.mismatch_correction = mismatch_correction
+        self.temperature = temperature
+        self.micro_batch_size = micro_batch_size
+        self.record_routing = record_routing
+        needs_trainer_old = self.kl is not None or mismatch_correction is not None
+        self.source = old_logprob_source(old_logprobs, on_policy, needs_trainer_old)
+
+    def __call__(
+        self,
+        batch: RolloutBatch,
+        policy: nn.Module,
+        reference: nn.Module | None = None,
+        routing: RoutingController | None = None,
+    ) -> PreUpdateResult:
+        """Run the pass on ``batch`` with ``policy`` (pi_old), ``reference`` and ``routing`` (MoE only)."""
+        metrics: dict[str, float] = {}
+        start = time.perf_counter()
+        old, experts = self._old_logprobs(batch, policy, routing if self.record_routing else None)
+        metrics["time/old_logprob_s"] = time.perf_counter() - start
+        is_weights, mismatch_metrics = self._mismatch(batch, old)
+        metrics.update(mismatch_metrics)
+        start = time.perf_counter()
+        ref = None
+        if reference is not None:
+            ref, _ = no_grad_logprobs(reference, batch, self.temperature, self.micro_batch_size)
+        metrics["time/ref_logprob_s"] = time.perf_counter() - start
+        penalised = None
+        if self.kl is not None:
+            mask = batch.response_mask
+            kl = self.kl(old.masked_fill(~mask, 0), ref.masked_fill(~mask, 0))
+            penalty = self.kl_in_reward_coef * seq_sum(kl, mask)  # (N,)
+            metrics["rollout/kl_penalty_mean"] = penalty.mean().item()
+            penalised = batch.rewards - penalty
+        with_rewards = dataclasses.replace(batch, old_logprobs=old, ref_logprobs=ref, penalised_rewards=penalised)
+        return PreUpdateResult(
+            advantages=self.advantage(with_rewards),
+            old_logprobs=old,
+            ref_logprobs=ref,
+            routing=experts,
+            is_weights=is_weights,
+            penalised_rewards=penalised,
+            metrics=metrics,
+        )
+
+    def _old_logprobs(
+        self, batch: RolloutBatch, policy: nn.Module, routing: RoutingController | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """pi_old's log-probs from the resolved source, and its experts when recording."""
+        if self.source == "rollout" and batch.rollout_logprobs is None:
+            raise ValueError("old_logprobs='rollout' needs an engine that reports log-probs (e.g. VLLMEngine).")
+        if self.source == "trainer":
+            return no_grad_logprobs(policy, batch, self.temperature, self.micro_batch_size, routing)
+        experts = None
+        if routing is not None:  # replay or the routing metric need pi_old's experts even without its log-probs
+            _, experts = no_grad_logprobs(policy, batch, self.temperature, self.micro_batch_size, routing)
+        return (batch.rollout_logprobs if self.source == "rollout" else None), experts
+
+    def _mismatch(self, batch: RolloutBatch, old: Tensor | None) -> tuple[Tensor | None, dict[str, float]]:
+        """The engine's log-prob gap to the trainer's pi_old, and the correction's weights when configured."""
+        if self.source != "trainer" or batch.rollout_logprobs is None:
+            return None, {}
+        if self.mismatch_correction is not None:
+            out = self.mismatch_correction(old, batch.rollout_logprobs, batch.response_mask)
+            return out.weights, {k: float(v) for k, v in out.metrics.items()}
+        gap = (old - batch.rollout_logprobs).abs()[batch.response_mask]
+        if not gap.numel():
+            return None, {}
+        return None, {"sampling/logprob_diff_mean": float(gap.mean()), "sampling/logprob_diff_max": float(gap.max())}

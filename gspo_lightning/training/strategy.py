@@ -1,0 +1,107 @@
+"""The update loop's adapter to Lightning's strategies (DDP, FSDP1, FSDP2, DeepSpeed).
+
+Everything the loop does differently per strategy lives here: the global loss denominators, skipping the
+gradient all-reduce while accumulating, the gradient scale of data-parallel averaging, clipping and the
+gradient norm, the full weights of a sharded policy and the FSDP2 mesh. The loop in
+:class:`~gspo_lightning.module.GSPOModule` then reads the same under every strategy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from torch import Tensor, nn
+
+from gspo_lightning.components.aggregation import LossCounts
+from gspo_lightning.sharding import full_state_dict
+
+
+class StrategyAdapter:
+    """What the update loop needs from ``trainer.strategy``.
+
+    Args:
+        trainer: the running Trainer.
+    """
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+
+    @property
+    def strategy(self):
+        return self.trainer.strategy
+
+    @property
+    def loss_scale(self) -> int:
+        """Data-parallel strategies average gradients over ranks while the loss counts are global: scaling
+        each rank's loss by the world size turns that average into the sum the formula asks for."""
+        return self.trainer.world_size
+
+    def global_counts(self, mask: Tensor) -> LossCounts:
+        """The loss denominators of ``mask`` summed over every data-parallel rank (see ``aggregation``)."""
+        local = LossCounts.from_mask(mask)
+        local_t = torch.tensor([local.num_tokens, local.num_seqs], device=mask.device, dtype=torch.float64)
+        summed = self.strategy.reduce(local_t, reduce_op="sum")
+        return LossCounts(num_tokens=float(summed[0]), num_seqs=float(summed[1]))
+
+    def backward_sync(self, last: bool) -> AbstractContextManager:
+        """Skip the gradient all-reduce of every micro-batch but the ``last`` one (DDP accumulation)."""
+        block = getattr(self.strategy, "block_backward_sync", None)
+        return nullcontext() if last or block is None else block()
+
+    def clip_gradients(self, policy: nn.Module, max_norm: float | None) -> Tensor:
+        """Clip the policy's gradients by global norm and return the norm before clipping.
+
+        Call it once the gradients are unscaled (``on_before_optimizer_step``). DeepSpeed clips inside its
+        own step (its config's ``gradient_clipping``): NaN is returned, and :meth:`grad_norm_after_step`
+        reads DeepSpeed's norm. FSDP1 computes the norm over all shards through its root wrapper; FSDP2 and
+        plain modules use ``clip_grad_norm_`` (DTensor-aware).
+        """
+        limit = max_norm if max_norm is not None else float("inf")
+        if isinstance(self.strategy, DeepSpeedStrategy):
+            return torch.full((), float("nan"))
+        if isinstance(self.strategy, FSDPStrategy):
+            norm = self.trainer.model.clip_grad_norm_(limit)
+        else:
+            params = [p for p in policy.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, limit) if params else torch.zeros(())
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return norm.detach().float()
+
+    def grad_norm_after_step(self, norm: Tensor) -> Tensor:
+        """The gradient norm of the step just taken: ``norm`` from :meth:`clip_gradients`, or DeepSpeed's."""
+        if isinstance(self.strategy, DeepSpeedStrategy):
+            return torch.as_tensor(float(self.trainer.model.get_global_grad_norm() or 0.0))
+        return norm
+
+    def full_policy_state_dict(self, policy: nn.Module) -> dict[str, Tensor]:
+        """The policy's full weights on the CPU (a collective under sharded strategies: every rank calls it).
+
+        Under Lightning's FSDP1 the wrapped root is the LightningModule, so its full state dict is taken and
+        the ``policy.`` prefix removed; FSDP2 DTensors and DeepSpeed ZeRO-3 partitions are gathered by
+        :func:`~gspo_lightning.sharding.full_state_dict`.
+        """
+        if isinstance(self.strategy, FSDPStrategy):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state = get_model_state_dict(self.trainer.model, options=options)
+            return {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+        return full_state_dict(policy)
+
+    def data_parallel_mesh(self, device_mesh: Callable[[], object]):
+        """The FSDP2 data-parallel mesh under Lightning's ``ModelParallelStrategy``, else None.
+
+        Args:
+            device_mesh: returns the module's device mesh (only called under that strategy).
+        """
+        if not isinstance(self.strategy, ModelParallelStrategy):
+            return None
+        mesh = device_mesh()
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError("Tensor parallelism is not supported yet: set tensor_parallel_size=1 (FSDP2 only).")
+        return mesh["data_parallel"] if "data_parallel" in names else mesh

@@ -1,0 +1,94 @@
+"""The loss of one micro-batch in the update: the policy objective plus the entropy and MoE terms.
+
+``loss = objective(lp, old, A, m, ref) - entropy_coef * agg(H) + router_aux_loss_coef * aux * n / N'``
+(docs/algorithms.md, "How the pieces meet"). Every term is this micro-batch's share of the mini-batch
+value: the objective and the entropy are normalised by the mini-batch's global counts, and the MoE
+auxiliary loss (a per-forward mean) is weighted by the micro-batch's share of sequences, so the shares of
+all micro-batches and ranks add up to the whole-mini-batch formula.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from gspo_lightning.batch import RolloutBatch
+from gspo_lightning.components.aggregation import LossCounts, aggregate, masked_metric_mean
+from gspo_lightning.components.objective import PolicyObjective
+from gspo_lightning.moe.routing import RoutingController, routing_change_frac
+from gspo_lightning.moe.stats import RouterStats
+from gspo_lightning.training.logprobs import response_logprobs
+
+
+class PolicyLoss:
+    """Forward one micro-batch through the policy and compute its loss and metrics.
+
+    Args:
+        objective: ratio -> clip -> aggregation (+ KL in the loss).
+        temperature: the sampling temperature (the log-probs describe the sampled distribution).
+        entropy_coef: weight of the entropy bonus (0: the entropy is only logged, without gradient).
+        router_aux_loss_coef: weight of an MoE model's load-balancing loss (0: off).
+    """
+
+    def __init__(
+        self,
+        objective: PolicyObjective,
+        temperature: float = 1.0,
+        entropy_coef: float = 0.0,
+        router_aux_loss_coef: float = 0.0,
+    ) -> None:
+        self.objective = objective
+        self.temperature = temperature
+        self.entropy_coef = entropy_coef
+        self.router_aux_loss_coef = router_aux_loss_coef
+
+    def __call__(
+        self,
+        policy: nn.Module,
+        micro: RolloutBatch,
+        counts: LossCounts,
+        routing: RoutingController | None = None,
+        router_stats: RouterStats | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The micro-batch's loss (its share of the mini-batch loss) and its ``policy/*`` / ``moe/*`` metrics.
+
+        Args:
+            policy: the policy being trained.
+            micro: a micro-batch with advantages (and pi_old / reference log-probs where the run has them).
+            counts: the global denominators of the mini-batch (see ``aggregation``).
+            routing: the MoE routing controller; inside its context the routing change is measured.
+            router_stats: receives this forward's router logits (MoE models); None for a dense model.
+        """
+        want_router = router_stats is not None or self.router_aux_loss_coef > 0
+        out = response_logprobs(
+            policy,
+            micro.input_ids,
+            micro.attention_mask,
+            micro.response_mask.shape[1],
+            temperature=self.temperature,
+            with_entropy=True,
+            entropy_grad=self.entropy_coef > 0,
+            output_router_logits=want_router,
+        )
+        # exactly on-policy there is no pi_old pass: pi_old = pi_theta, detached
+        old = micro.old_logprobs if micro.old_logprobs is not None else out.logprobs.detach()
+        result = self.objective(
+            out.logprobs, old, micro.advantages, micro.response_mask, micro.ref_logprobs, counts, micro.is_weights
+        )
+        loss, metrics = result.loss, dict(result.metrics)
+        mask = micro.response_mask
+        metrics["policy/entropy"] = masked_metric_mean(out.entropy, mask)
+        if self.entropy_coef > 0:
+            objective = self.objective
+            entropy = aggregate(out.entropy, mask, objective.aggregation, counts, objective.max_len)
+            loss = loss - self.entropy_coef * entropy
+        if out.router_logits:
+            if self.router_aux_loss_coef > 0:
+                aux = out.aux_loss
+                loss = loss + self.router_aux_loss_coef * aux * len(micro) / max(counts.num_seqs, 1.0)
+                metrics["moe/aux_loss"] = aux.detach().float()
+            if router_stats is not None:
+                router_stats.add(out.router_logits, micro.attention_mask)
+        if routing is not None and micro.routing is not None and routing.mode != "off":
+            metrics["moe/routing_change_frac"] = routing_change_frac(micro.routing, routing.recorded(), mask)
+        metrics["policy/loss"] = loss.detach().float()
+        return loss, metrics

@@ -1,0 +1,50 @@
+"""TransformersEngine: EOS masks, group layout, padding, greedy decoding, train/eval mode."""
+
+import torch
+
+from gspo_lightning.engines import SamplingConfig, TransformersEngine
+from gspo_lightning.engines.base import response_mask_until_eos
+
+
+def _engine(model, tokenizer, **sampling):
+    engine = TransformersEngine()
+    engine.configure(SamplingConfig(**{"max_new_tokens": 6, **sampling}), tokenizer)
+    engine.bind(model)
+    return engine
+
+
+def test_response_mask_stops_after_first_eos():
+    ids = torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8], [1, 0, 0, 0]])
+    mask, truncated = response_mask_until_eos(ids, torch.tensor([1]), max_new_tokens=4)
+    assert mask.tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
+    assert truncated.tolist() == [False, True, False]
+
+
+def test_generate_shapes_groups_and_padding(tiny_model, tiny_tokenizer):
+    prompts = [tiny_tokenizer("12+34=")["input_ids"], tiny_tokenizer("5+6=")["input_ids"]]
+    torch.manual_seed(0)
+    gen = _engine(tiny_model, tiny_tokenizer).generate(prompts, num_samples=3)
+    assert gen.prompt_ids.shape[0] == gen.response_ids.shape[0] == 6
+    # samples of one prompt are adjacent and share its (left-padded) prompt
+    assert (gen.prompt_ids[0] == gen.prompt_ids[2]).all() and not gen.prompt_mask[3, 0]
+    assert gen.response_mask[:, 0].all() and gen.response_ids.shape[1] <= 6
+    pad = tiny_tokenizer.pad_token_id
+    assert (gen.response_ids[~gen.response_mask] == pad).all()
+    assert gen.truncated.dtype == torch.bool and gen.truncated.shape == (6,)
+
+
+def test_generate_restores_the_policy_mode(tiny_model, tiny_tokenizer):
+    prompts = [tiny_tokenizer("5+6=")["input_ids"]]
+    engine = _engine(tiny_model, tiny_tokenizer)
+    for training in (True, False, True):
+        tiny_model.train(training)
+        engine.generate(prompts, num_samples=1)
+        assert tiny_model.training is training, "the engine must restore the mode it found"
+
+
+def test_greedy_is_deterministic(tiny_model, tiny_tokenizer):
+    prompts = [tiny_tokenizer("12+34=")["input_ids"]]
+    engine = _engine(tiny_model, tiny_tokenizer)
+    a = engine.generate(prompts, 1, greedy=True).response_ids
+    b = engine.generate(prompts, 1, greedy=True).response_ids
+    assert torch.equal(a, b)

@@ -1,0 +1,106 @@
+"""Helpers the tests share: a hand-built rollout batch and the tiny CLI run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gspo_lightning import RolloutBatch
+from gspo_lightning.engines import TransformersEngine
+
+ROOT = Path(__file__).parents[1]
+
+
+def make_batch(
+    rewards: list[float],
+    group_size: int,
+    response_mask: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    t: int = 4,
+    prompt_width: int = 2,
+) -> RolloutBatch:
+    """A RolloutBatch of len(rewards) sequences in groups of ``group_size``, with dummy token ids."""
+    n = len(rewards)
+    mask = response_mask if response_mask is not None else torch.ones(n, t, dtype=torch.bool)
+    t = mask.shape[1]
+    return RolloutBatch(
+        input_ids=torch.ones(n, prompt_width + t, dtype=torch.long),
+        attention_mask=torch.cat([torch.ones(n, prompt_width, dtype=torch.bool), mask.bool()], dim=1),
+        response_mask=mask.bool(),
+        rewards=torch.tensor(rewards, dtype=torch.float32),
+        group_ids=torch.arange(n) // group_size,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+    )
+
+
+def tiny_args(root: Path, *extra: str, max_steps: int = 4) -> list[str]:
+    """A run of max_steps / 2 rollout batches of 4 prompts x 4 samples, 2 mini-batches each."""
+    return [
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--model.model",
+        "builtin:tiny-qwen3-moe-random",
+        "--model.mini_batches",
+        "2",
+        "--data.prompts.init_args.num_train",
+        "64",
+        "--data.prompts.init_args.num_val",
+        "8",
+        "--data.prompts_per_step",
+        "4",
+        "--data.num_samples",
+        "4",
+        "--data.val_batch_size",
+        "8",
+        "--trainer.max_steps",
+        str(max_steps),
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
+
+
+def scalars(log_dir: Path) -> dict[str, list]:
+    events = sorted(log_dir.glob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard event file in {log_dir}"
+    out: dict[str, list] = {}
+    for path in events:
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend(acc.Scalars(tag))
+    return out
+
+
+class RecordBatches(Callback):
+    """Keeps the prompt indices of every rollout batch trained on, read from ``outputs`` as a user's callback would."""
+
+    prompt_indices: ClassVar[list[list[int]]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        RecordBatches.prompt_indices.append(outputs["batch"].prompt_index.tolist())
+
+
+class CountingEngine(TransformersEngine):
+    """The embedded engine, counting how often the policy is bound and synced (class-level, one run at a time)."""
+
+    binds: ClassVar[list[int]] = []
+    syncs: ClassVar[list[int]] = []
+
+    def bind(self, policy) -> None:
+        CountingEngine.binds.append(id(policy))
+        super().bind(policy)
+
+    def sync_weights(self, policy) -> None:
+        CountingEngine.syncs.append(id(policy))
+        super().sync_weights(policy)
