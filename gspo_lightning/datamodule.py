@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from gspo_lightning.evaluation import EvalResult
 from gspo_lightning.models import load_tokenizer
 from gspo_lightning.rewards.answer import ExactMatchReward
 from gspo_lightning.rewards.base import Reward
+from gspo_lightning.rng import derive_seed, seeded_rng
 from gspo_lightning.rollout import RolloutCollector, decode_responses, reward_inputs
 
 DEFAULT_SAMPLING = SamplingConfig()
@@ -29,6 +31,14 @@ DEFAULT_SAMPLING = SamplingConfig()
 
 def _identity(x: Any) -> Any:
     return x
+
+
+def prompt_fingerprint(prompts: list[EncodedPrompt]) -> dict[str, Any]:
+    """Count and SHA-256 (first 16 hex digits) of the prompts' indices, texts and answers, in order."""
+    digest = hashlib.sha256()
+    for p in prompts:
+        digest.update(f"{p.record.index}\x1f{p.record.text}\x1f{p.record.answer}\x1e".encode())
+    return {"count": len(prompts), "sha256": digest.hexdigest()[:16]}
 
 
 class _RolloutStream(IterableDataset):
@@ -53,7 +63,14 @@ class RolloutDataModule(pl.LightningDataModule):
 
     Each training step draws ``prompts_per_step`` prompts in total, split evenly over the data-parallel
     ranks (each rank generates for its own share), in a seeded order reshuffled every pass over the data.
-    The position in that order is saved in checkpoints, so a resumed run continues with the next prompts.
+    The position in that order is saved in checkpoints, so a resumed run continues with the next prompts;
+    a fingerprint of the training prompts is saved with it, and resuming on other prompts is refused.
+
+    Each rollout batch is sampled from a random stream of its own, seeded from a base seed (the process's
+    ``torch.initial_seed()``, i.e. ``seed_everything``; saved in checkpoints), the rank and the rollout
+    index (``gspo_lightning.rng``); held-out evaluations likewise. So a resumed run draws the same samples as an
+    uninterrupted one, whatever else drew random numbers in between, and rollouts leave the process's
+    random stream as they found it.
 
     The engine generates with the trainer's policy: the data module binds it once, before its first
     generation, from the Trainer's LightningModule, which must expose the model it trains as ``policy``
@@ -79,7 +96,8 @@ class RolloutDataModule(pl.LightningDataModule):
         dynamic_sampling: DAPO dynamic sampling, replace groups whose rewards are all equal.
         max_sampling_rounds: generation rounds per step allowed for dynamic sampling.
         val_size: evaluate at most this many held-out prompts (None: all).
-        val_num_samples: k sampled completions per held-out prompt for sampled accuracy and pass@k.
+        val_num_samples: k sampled completions per held-out prompt for sampled accuracy and pass@k (0: greedy
+            only).
         val_batch_size: held-out prompts per generation call.
         seed: seed of the prompt order.
     """
@@ -111,6 +129,15 @@ class RolloutDataModule(pl.LightningDataModule):
             raise ValueError(f"prompts_per_step and num_samples must be >= 1, got {prompts_per_step}, {num_samples}.")
         if num_samples < 2:
             raise ValueError("num_samples (G) must be >= 2: group-relative advantages need at least two samples.")
+        if val_size is not None and val_size < 0:
+            raise ValueError(
+                f"data.val_size={val_size}: give the number of held-out prompts to evaluate (>= 0), or null for all."
+            )
+        if val_num_samples < 0:
+            raise ValueError(
+                f"data.val_num_samples={val_num_samples}: give the sampled completions per held-out prompt"
+                " (>= 0; 0 evaluates greedy only)."
+            )
         self.source = prompts if prompts is not None else AdditionTask()
         self.rewards = list(rewards) if rewards else [ExactMatchReward()]
         if reward_weights is not None and len(reward_weights) != len(self.rewards):
@@ -137,9 +164,12 @@ class RolloutDataModule(pl.LightningDataModule):
         self.epoch = 0
         self.cursor = 0
         self.steps = 0
+        self.rollout_seed: int | None = None  # base of the rollout streams; fixed on first use or restored
         self.tokenizer = None
         self._train: list[EncodedPrompt] | None = None
+        self._fingerprint: dict[str, Any] | None = None  # of the training prompts, saved in checkpoints
         self._val: list[EncodedPrompt] = []
+        self._restored_prompts: dict[str, Any] | None = None  # a checkpoint's fingerprint, checked once encoded
 
     # -- set-up -----------------------------------------------------------------------------------------
     @property
@@ -161,24 +191,10 @@ class RolloutDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"prompts_per_step={self.prompts_per_step} must be divisible by the {world} data-parallel ranks."
             )
-        encode = dict(
-            tokenizer=self.tokenizer,
-            max_prompt_length=self.max_prompt_length,
-            on_overlong=self.on_overlong,
-            chat_template=self.chat_template,
-            system_prompt=self.system_prompt,
-        )
-        train, dropped = encode_prompts(self.source.train(), **encode)
-        if dropped:
-            rank_zero_warn(
-                f"Dropped {dropped} training prompts longer than max_prompt_length={self.max_prompt_length} tokens"
-                f" ({len(train)} kept). Raise data.max_prompt_length to keep them, or set data.on_overlong=error."
-            )
-        if len(train) < world:
-            raise ValueError(f"Only {len(train)} training prompts for {world} ranks.")
-        self._train = train
-        val_records = self.source.validation()[: self.val_size]
-        val = encode_prompts(val_records, **encode)[0] if val_records else []
+        self._train = self._encode_train(world)
+        self._fingerprint = prompt_fingerprint(self._train)
+        self._check_restored_prompts()
+        val = self._encode(self.source.validation()[: self.val_size], "held-out")
         # every rank gets the same number of held-out prompts: sharded forwards and metric syncs are collectives
         self._val = val[: len(val) // world * world][rank::world]
         self.engine.configure(self.sampling, self.tokenizer)
@@ -192,6 +208,37 @@ class RolloutDataModule(pl.LightningDataModule):
             dynamic_sampling=self.dynamic_sampling,
             max_sampling_rounds=self.max_sampling_rounds,
         )
+
+    def _encode(self, records: list, split: str) -> list[EncodedPrompt]:
+        """Tokenise ``records``, warning with a count when overlong ones are dropped."""
+        if not records:
+            return []
+        encoded, dropped = encode_prompts(
+            records,
+            tokenizer=self.tokenizer,
+            max_prompt_length=self.max_prompt_length,
+            on_overlong=self.on_overlong,
+            chat_template=self.chat_template,
+            system_prompt=self.system_prompt,
+        )
+        if dropped:
+            rank_zero_warn(
+                f"Dropped {dropped} {split} prompts longer than max_prompt_length={self.max_prompt_length} tokens"
+                f" ({len(encoded)} kept). Raise data.max_prompt_length to keep them, or set data.on_overlong=error."
+            )
+        return encoded
+
+    def _encode_train(self, world: int) -> list[EncodedPrompt]:
+        """The encoded training prompts; refused when the ranks cannot all get one, warned when a batch repeats."""
+        train = self._encode(self.source.train(), "training")
+        if len(train) < world:
+            raise ValueError(f"Only {len(train)} training prompts for {world} ranks.")
+        if len(train) // world < self.prompts_per_step // world:
+            rank_zero_warn(
+                f"Only {len(train)} training prompts for data.prompts_per_step={self.prompts_per_step}: every"
+                " rollout batch repeats prompts. Add prompts or lower data.prompts_per_step."
+            )
+        return train
 
     def bind_policy(self, policy: nn.Module) -> None:
         """Give the engine the policy to generate with (done once per run; see the class docstring)."""
@@ -239,10 +286,22 @@ class RolloutDataModule(pl.LightningDataModule):
         """Generate, score and assemble this rank's next rollout batch."""
         self._ensure_bound()
         _, world = self.rank_and_world
-        batch = self.collector.collect(self.next_prompts, self.prompts_per_step // world)
+        with seeded_rng(self._stream_seed("rollout", self.steps)):
+            batch = self.collector.collect(self.next_prompts, self.prompts_per_step // world)
         self.steps += 1
         batch.metrics["rollout/epoch"] = float(self.epoch)
         return batch
+
+    def _base_seed(self) -> int:
+        """The base of the random streams: restored from a checkpoint, else the process's seed at first use."""
+        if self.rollout_seed is None:
+            self.rollout_seed = torch.initial_seed()
+        return self.rollout_seed
+
+    def _stream_seed(self, *parts: int | str) -> int:
+        """The seed of this rank's random stream named by ``parts`` (see the class docstring)."""
+        rank, _ = self.rank_and_world
+        return derive_seed(self._base_seed(), rank, *parts)
 
     @override
     def train_dataloader(self) -> DataLoader:
@@ -258,10 +317,12 @@ class RolloutDataModule(pl.LightningDataModule):
         return EvalResult(greedy_correct=greedy, sampled_correct=sampled)
 
     def evaluate_heldout(self) -> Iterator[EvalResult]:
-        """Evaluate this rank's held-out prompts, ``val_batch_size`` at a time."""
+        """Evaluate this rank's held-out prompts, ``val_batch_size`` at a time, each from its own random stream."""
         size = self.val_batch_size
         for start in range(0, len(self._val), size):
-            yield self.evaluate(self._val[start : start + size])
+            with seeded_rng(self._stream_seed("eval", self.steps, start)):
+                result = self.evaluate(self._val[start : start + size])
+            yield result
 
     def _correct(self, prompts: list[EncodedPrompt], k: int, greedy: bool) -> Tensor:
         generation = self.engine.generate([p.input_ids for p in prompts], k, greedy=greedy)
@@ -283,7 +344,11 @@ class RolloutDataModule(pl.LightningDataModule):
     # -- checkpointing -----------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "cursor": self.cursor, "steps": self.steps, "seed": self.seed}
+        state = {"epoch": self.epoch, "cursor": self.cursor, "steps": self.steps, "seed": self.seed}
+        state["rollout_seed"] = self._base_seed()
+        if self._fingerprint is not None:
+            state["prompts"] = self._fingerprint
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -292,9 +357,27 @@ class RolloutDataModule(pl.LightningDataModule):
                 f"The checkpoint's prompt order used seed {state_dict['seed']}, this run seed {self.seed}:"
                 " resume with the same data.seed to continue where the run stopped."
             )
+        self._restored_prompts = state_dict.get("prompts")  # absent in checkpoints written before fingerprints
+        self._check_restored_prompts()  # now if set up, else once the prompts are encoded
+        if state_dict.get("rollout_seed") is not None:
+            self.rollout_seed = int(state_dict["rollout_seed"])
         self.epoch = int(state_dict["epoch"])
         self.cursor = int(state_dict["cursor"])
         self.steps = int(state_dict["steps"])
+
+    def _check_restored_prompts(self) -> None:
+        """Refuse to continue a checkpoint's position in the prompt order on other prompts."""
+        saved, current = self._restored_prompts, self._fingerprint
+        if saved is None or current is None:  # nothing to compare, or not set up yet: checked in setup
+            return
+        self._restored_prompts = None
+        if saved != current:
+            raise ValueError(
+                f"The checkpoint was trained on another prompt set ({saved['count']} training prompts, fingerprint"
+                f" {saved['sha256']}) than this run ({current['count']}, {current['sha256']}), so its position in"
+                " the prompt order would apply to other data: resume with the same data.prompts (and"
+                " data.max_prompt_length, data.on_overlong), or start a new run without --ckpt_path."
+            )
 
 
 def rollout_datamodule(trainer: pl.Trainer) -> RolloutDataModule:

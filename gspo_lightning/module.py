@@ -17,7 +17,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
 from typing_extensions import override
 
 from gspo_lightning.batch import RolloutBatch
@@ -33,11 +32,11 @@ from gspo_lightning.evaluation import EvalResult, eval_metrics
 from gspo_lightning.models import DType
 from gspo_lightning.moe import RouterStats, moe_layout, routing_context
 from gspo_lightning.sharding import shard_fsdp2
-from gspo_lightning.training.metrics import MetricAccumulator, step_metrics
+from gspo_lightning.training.guard import NonFiniteGuard
+from gspo_lightning.training.metrics import MetricAccumulator, response_counts, step_metrics
 from gspo_lightning.training.optim import build_optimizers
-from gspo_lightning.training.policy import load_policy, load_reference, routing_controller
+from gspo_lightning.training.policy import check_options, load_policy, load_reference, routing_controller
 from gspo_lightning.training.pre_update import OldLogprobs, PreUpdatePass, is_on_policy
-from gspo_lightning.training.rng import restore_rng_states, rng_states
 from gspo_lightning.training.splits import micro_batch_indices, mini_batch_indices
 from gspo_lightning.training.strategy import StrategyAdapter
 from gspo_lightning.training.update import PolicyLoss
@@ -59,40 +58,29 @@ class GSPOModule(pl.LightningModule):
       weights (``mismatch_correction``), Routing Replay (``routing_replay``, the paper's GRPO baseline aid);
     - log-ratios are clamped before ``exp`` (a safety cut-off, ``components.clip``).
 
-    Args:
+    Args (one line each; the README and docs/algorithms.md say more):
         model: policy to load with ``from_pretrained``: local folder, hub id, or ``builtin:<name>``.
-        trust_remote_code: allow custom model code from the hub (off unless asked).
-        dtype: weights dtype at load time (use the Trainer's ``precision`` for mixed precision).
-        attn_implementation: e.g. ``"sdpa"`` or ``"flash_attention_2"``; None lets transformers choose.
+        trust_remote_code / dtype / attn_implementation: ``from_pretrained`` options (dtype at load time).
         gradient_checkpointing: recompute activations in backward to save memory.
-        ratio: importance ratio (default ``SequenceRatio()``).
-        advantage: advantage estimator (default ``GroupNormAdvantage()``).
-        clip: surrogate (default ``PPOClip(3e-4, 4e-4)``).
-        kl: KL estimator (default ``K3KL()`` when ``kl_coef > 0``).
-        kl_coef: beta; 0 means no reference model is loaded or run.
-        kl_in_reward: subtract ``kl_coef * sum_t kl(old, ref)`` from each reward (``batch.penalised_rewards``)
-            instead of adding the KL term to the loss.
+        disable_dropout: set the policy's dropout to 0, so the ratio is 1 at identical weights (as TRL).
+        ratio / advantage / clip: default ``SequenceRatio``, ``GroupNormAdvantage``, ``PPOClip(3e-4, 4e-4)``.
+        kl: KL estimator (default ``K3KL()`` when ``kl_coef > 0``); kl_coef: beta, 0 loads no reference model.
+        kl_in_reward: subtract ``kl_coef * sum_t kl(old, ref)`` from each reward instead of a loss term.
         aggregation: how per-token losses become a scalar.
-        mini_batches: optimizer steps per rollout batch and epoch (the rollout batch is split this way).
-        epochs: passes over each rollout batch.
+        mini_batches / epochs: optimizer steps per rollout batch and epoch; passes over each rollout batch.
         micro_batch_size: sequences per forward/backward (gradient accumulation); None = whole mini-batch.
-        entropy_coef: weight of an entropy bonus (subtracted from the loss).
-        router_aux_loss_coef: weight of an MoE model's load-balancing loss (0 = off).
-        temperature: the sampling temperature, so log-probs match the sampled distribution (linked).
-        max_new_tokens: the generation limit, ``T_max`` of ``seq-mean-token-sum-norm`` (linked).
-        old_logprobs: ``"auto"`` skips the pi_old pass when exactly on-policy; ``"recompute"`` always runs it;
-            ``"rollout"`` uses the engine's log-probs as pi_old (``training.pre_update``).
-        mismatch_correction: rollout/trainer importance weights multiplying each token's loss
-            (``MismatchCorrection``); needs an engine that reports log-probs.
+        logprob_chunk_size: response tokens per chunk of the output projection (O(chunk x V) memory); None: all.
+        entropy_coef / router_aux_loss_coef: weights of the entropy bonus and of an MoE load-balancing loss.
+        temperature / max_new_tokens: the sampling temperature and generation limit (T_max), linked from data.
+        old_logprobs: ``"auto"`` skips the pi_old pass when exactly on-policy, ``"recompute"``, ``"rollout"``.
+        mismatch_correction: rollout/trainer importance weights (``MismatchCorrection``) on each token's loss.
         max_grad_norm: gradient clipping by global norm (None: no clipping; the norm is logged anyway).
-        optimizer: optimizer factory (default ``AdamW(lr=1e-6, weight_decay=0.0)``).
-        lr_scheduler: scheduler factory, stepped once per optimizer step (default: constant).
+        max_nonfinite_steps: consecutive steps with a non-finite gradient (each skipped) that stop the run.
+        optimizer / lr_scheduler: factories (default ``AdamW(lr=1e-6)``, constant), stepped per optimizer step.
         shuffle_mini_batches: shuffle sequences before splitting into mini-batches.
         routing_replay: MoE Routing Replay (GSPO paper §5.3): force pi_old's experts in the update forwards.
-        track_routing_change: log ``moe/routing_change_frac``, the fraction of (response token, MoE layer)
-            pairs whose experts changed since pi_old (off-policy or with replay).
-        fsdp_mixed_precision: under ``ModelParallelStrategy`` (FSDP2): bfloat16 compute, float32 reduction.
-        fsdp_cpu_offload: under FSDP2: keep parameters and optimizer state on the CPU.
+        track_routing_change: log ``moe/routing_change_frac`` (experts changed since pi_old).
+        fsdp_mixed_precision / fsdp_cpu_offload: FSDP2 options (bf16 compute with fp32 reduction; CPU offload).
     """
 
     def __init__(
@@ -102,6 +90,7 @@ class GSPOModule(pl.LightningModule):
         dtype: DType = "float32",
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
+        disable_dropout: bool = True,
         ratio: Ratio | None = None,
         advantage: Advantage | None = None,
         clip: Clip | None = None,
@@ -112,6 +101,7 @@ class GSPOModule(pl.LightningModule):
         mini_batches: int = 4,
         epochs: int = 1,
         micro_batch_size: int | None = None,
+        logprob_chunk_size: int | None = 1024,
         entropy_coef: float = 0.0,
         router_aux_loss_coef: float = 0.0,
         temperature: float = 1.0,
@@ -119,6 +109,7 @@ class GSPOModule(pl.LightningModule):
         old_logprobs: OldLogprobs = "auto",
         mismatch_correction: MismatchCorrection | None = None,
         max_grad_norm: float | None = 1.0,
+        max_nonfinite_steps: int = 3,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         shuffle_mini_batches: bool = True,
@@ -131,30 +122,29 @@ class GSPOModule(pl.LightningModule):
         self.save_hyperparameters(
             ignore=["ratio", "advantage", "clip", "kl", "optimizer", "lr_scheduler", "mismatch_correction"]
         )
-        if mini_batches < 1 or epochs < 1:
-            raise ValueError(f"mini_batches and epochs must be >= 1, got {mini_batches} and {epochs}.")
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}.")
+        check_options(mini_batches, epochs, micro_batch_size, kl_coef, max_grad_norm, aggregation, max_new_tokens)
         kl = K3KL() if kl is None and kl_coef > 0 else kl
         self.automatic_optimization = False
         self.advantage = advantage or GroupNormAdvantage()
         ratio, clip = ratio or SequenceRatio(), clip or PPOClip(3e-4, 4e-4)
         loss_kl_coef = 0.0 if kl_in_reward else kl_coef  # in the reward, the KL term is the pre-update pass's
         self.objective = PolicyObjective(ratio, clip, kl, loss_kl_coef, aggregation, max_len=max_new_tokens)
-        self.policy_loss = PolicyLoss(self.objective, temperature, entropy_coef, router_aux_loss_coef)
+        self.policy_loss = PolicyLoss(
+            self.objective, temperature, entropy_coef, router_aux_loss_coef, logprob_chunk_size
+        )
         on_policy = is_on_policy(mini_batches, epochs, old_logprobs)
         reward_kl = (kl, kl_coef) if kl_in_reward else (None, 0.0)
         self.pre_update = PreUpdatePass(
             self.advantage, old_logprobs, on_policy, *reward_kl, mismatch_correction, temperature, micro_batch_size,
-            record_routing=routing_replay or not on_policy,
+            record_routing=routing_replay or not on_policy, chunk_size=logprob_chunk_size,
         )  # fmt: skip
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.policy: torch.nn.Module | None = None
         self.routing = None  # the policy's RoutingController (MoE models), set in configure_model
         self.moe = None  # the policy's MoELayout, or None for a dense model
         self._reference: list[torch.nn.Module] = []  # a list keeps it out of state_dict, DDP and optimizers
-        self._grad_norm = torch.zeros(())  # set by on_before_optimizer_step, read after the step
+        self._grad_norm, self._skip_step = torch.zeros(()), False  # set by on_before_optimizer_step
+        self.nonfinite_guard = NonFiniteGuard(max_nonfinite_steps)
 
     @property
     def reference(self) -> torch.nn.Module | None:
@@ -171,12 +161,14 @@ class GSPOModule(pl.LightningModule):
             return
         hp = self.hparams
         load = {k: hp[k] for k in ("model", "dtype", "trust_remote_code", "attn_implementation")}
-        self.policy = load_policy(**load, gradient_checkpointing=hp.gradient_checkpointing)
+        self.policy = load_policy(**load, **{k: hp[k] for k in ("gradient_checkpointing", "disable_dropout")})
         self.moe = moe_layout(self.policy.config)
         args = (hp.routing_replay, hp.track_routing_change, hp.router_aux_loss_coef)
         self.routing = routing_controller(self.policy, self.moe, *args)
         if (hp.kl_coef > 0 or self.advantage.needs_ref) and not self._reference:
             self._reference.append(load_reference(**load))
+        if self._trainer is not None:
+            self.strategy_adapter.check_clipping(hp.max_grad_norm)
         mesh = self.strategy_adapter.data_parallel_mesh(lambda: self.device_mesh) if self._trainer else None
         for model in (self.policy, self.reference) if mesh is not None else ():
             if model is not None:
@@ -204,31 +196,46 @@ class GSPOModule(pl.LightningModule):
         batch = batch.to(self.device)
         batch = self.pre_update(batch, self.policy, self.reference, self.routing).apply(batch)
         hp, adapter = self.hparams, self.strategy_adapter
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         metrics, stats = MetricAccumulator(), RouterStats(self.moe.top_k) if self.moe is not None else None
         generator = torch.Generator().manual_seed(int(self.global_step))
-        for _ in range(hp.epochs):
-            for index in mini_batch_indices(len(batch), hp.mini_batches, hp.shuffle_mini_batches, generator):
-                mini = batch.select(index)
-                counts = adapter.global_counts(mini.response_mask)
-                optimizer.zero_grad(set_to_none=True)
-                micro = micro_batch_indices(len(mini), hp.micro_batch_size)
-                for j, micro_index in enumerate(micro):
-                    part = mini.select(micro_index)
-                    # the routing context spans backward too: gradient checkpointing re-runs the routers
-                    with adapter.backward_sync(last=j == len(micro) - 1), self.routing_context(part):
-                        loss, part_metrics = self.policy_loss(self.policy, part, counts, self.routing, stats)
-                        self.manual_backward(loss * adapter.loss_scale)
-                    metrics.add(part_metrics, weight=len(micro_index))
-                optimizer.step()  # clips in on_before_optimizer_step
-                metrics.add({"policy/grad_norm": adapter.grad_norm_after_step(self._grad_norm)}, weight=1)
-                if scheduler is not None:
-                    scheduler.step()
+        skipped = 0
+        for epoch in range(hp.epochs):
+            for m, index in enumerate(
+                mini_batch_indices(len(batch), hp.mini_batches, hp.shuffle_mini_batches, generator)
+            ):
+                # the first mini-batch runs on pi_old's weights: its routing cannot have moved yet
+                skipped += self._update(batch.select(index), metrics, stats, measure_routing=epoch + m > 0)
+        if not adapter.weights_finite(self.policy):  # before any generation or checkpoint sees them
+            raise RuntimeError(
+                "An optimizer step made the policy's weights non-finite (is the learning rate too high?): stopping"
+                " before they reach the rollout engine or a checkpoint; the checkpoints written so far are kept."
+            )
         sync_start = time.perf_counter()
         rollout_datamodule(self.trainer).sync_weights(self.policy)
         batch.metrics["time/weight_sync_s"] = time.perf_counter() - sync_start
-        self._log_step(batch, metrics.means(), time.perf_counter() - start)
+        batch.metrics["policy/skipped_steps"] = float(skipped)
+        self._log_step(batch, metrics.result(adapter.reduce), time.perf_counter() - start)
         return {"batch": batch, "router_stats": stats.result() if stats is not None else None}
+
+    def _update(self, mini: RolloutBatch, metrics: MetricAccumulator, stats, measure_routing: bool) -> bool:
+        """One optimizer step on a mini-batch, accumulated over its micro-batches. Returns whether it was
+        skipped (non-finite gradient)."""
+        adapter, optimizer, scheduler = self.strategy_adapter, self.optimizers(), self.lr_schedulers()
+        counts = adapter.global_counts(mini.response_mask)
+        optimizer.zero_grad(set_to_none=True)
+        micro = micro_batch_indices(len(mini), self.hparams.micro_batch_size)
+        for j, index in enumerate(micro):
+            part = mini.select(index)
+            # the routing context spans backward too: gradient checkpointing re-runs the routers
+            with adapter.backward_sync(last=j == len(micro) - 1), self.routing_context(part):
+                loss, part_metrics = self.policy_loss(self.policy, part, counts, self.routing, stats, measure_routing)
+                self.manual_backward(loss * adapter.loss_scale)
+            metrics.add_micro_batch(part_metrics, *response_counts(part.response_mask))
+        optimizer.step()  # clips, or drops a non-finite gradient, in on_before_optimizer_step
+        metrics.end_step({"policy/grad_norm": adapter.grad_norm_after_step(self._grad_norm)})
+        if scheduler is not None:
+            scheduler.step()
+        return self._skip_step
 
     def routing_context(self, micro: RolloutBatch):
         """Record (or, with replay, force) pi_old's experts in forwards and backwards on ``micro``."""
@@ -237,7 +244,9 @@ class GSPOModule(pl.LightningModule):
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning calls this once the gradients are unscaled, whatever the precision plugin
-        self._grad_norm = self.strategy_adapter.clip_gradients(self.policy, self.hparams.max_grad_norm)
+        adapter = self.strategy_adapter
+        self._grad_norm = adapter.clip_gradients(self.policy, self.hparams.max_grad_norm)
+        self._skip_step = self.nonfinite_guard(self._grad_norm, adapter.nonfinite(self._grad_norm), self.policy)
 
     def export_pretrained(self, path: str | Path, safe_serialization: bool = True) -> None:
         """Write the policy as a ``save_pretrained`` folder (rank 0 writes; a collective: every rank calls it)."""
@@ -246,7 +255,7 @@ class GSPOModule(pl.LightningModule):
             Path(path).mkdir(parents=True, exist_ok=True)
             self.policy.save_pretrained(path, state_dict=state_dict, safe_serialization=safe_serialization)
 
-    def _log_step(self, batch: RolloutBatch, policy_metrics: dict[str, Tensor], train_s: float) -> None:
+    def _log_step(self, batch: RolloutBatch, policy_metrics: dict[str, float], train_s: float) -> None:
         lr = self.optimizers().param_groups[0]["lr"]
         logged = step_metrics(batch, policy_metrics, train_s, lr)
         self.log_dict(logged, on_step=True, on_epoch=False, batch_size=len(batch))
@@ -257,12 +266,3 @@ class GSPOModule(pl.LightningModule):
         metrics = eval_metrics(result)
         self.log_dict(metrics, batch_size=len(result), sync_dist=True)
         self.log("val_acc", metrics["val/accuracy"], prog_bar=True, logger=False, batch_size=len(result))
-
-    @override
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rng_states"] = rng_states()
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if checkpoint.get("rng_states"):
-            restore_rng_states(checkpoint["rng_states"])

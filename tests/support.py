@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import Precision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gspo_lightning import RolloutBatch
@@ -104,3 +105,37 @@ class CountingEngine(TransformersEngine):
     def sync_weights(self, policy) -> None:
         CountingEngine.syncs.append(id(policy))
         super().sync_weights(policy)
+
+
+def built_module(model: str, **kwargs):
+    """A GSPOModule with its models loaded, outside a Trainer."""
+    from gspo_lightning.module import GSPOModule
+
+    module = GSPOModule(model=model, **kwargs)
+    module.configure_model()
+    return module
+
+
+def prepared(module, batch: RolloutBatch) -> RolloutBatch:
+    """``batch`` after the module's pre-update pass."""
+    return module.pre_update(batch, module.policy, module.reference, module.routing).apply(batch)
+
+
+class FakeScaler(Precision):
+    """16-mixed's gradient scaling on the CPU (which has no fp16 AMP): the loss is multiplied by ``scale``
+    before backward and the gradients divided by it inside ``optimizer_step``, as ``GradScaler.unscale_`` does,
+    before Lightning's ``on_before_optimizer_step``."""
+
+    scale = 1024.0
+
+    def pre_backward(self, tensor, module):
+        return super().pre_backward(tensor * self.scale, module)
+
+    def optimizer_step(self, optimizer, model, closure, **kwargs):
+        closure()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.div_(self.scale)
+        self._after_closure(model, optimizer)
+        return optimizer.step(**kwargs)

@@ -182,10 +182,12 @@ def test_training_options_run_together(tmp_path):
     assert lr == pytest.approx(3e-4 * 0.5)
 
 
-def test_routing_replay_from_the_cli_logs_zero_change(tmp_path):
-    cli_main(["fit", *tiny_args(tmp_path, "--model.routing_replay", "true", max_steps=2)])
+def test_routing_replay_from_the_cli_still_measures_routing_change(tmp_path):
+    # with replay the update routes as pi_old did; the metric compares the routers' own choice with pi_old's,
+    # measured from the second mini-batch on (the first runs on pi_old's weights)
+    cli_main(["fit", *tiny_args(tmp_path, "--model.routing_replay", "true", max_steps=4)])
     values = [e.value for e in scalars(tmp_path / "lightning_logs" / "version_0")["moe/routing_change_frac"]]
-    assert values and all(v == 0.0 for v in values)
+    assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values)
 
 
 def test_the_policy_is_bound_once_per_run_and_synced_once_per_update(tmp_path):
@@ -197,3 +199,33 @@ def test_the_policy_is_bound_once_per_run_and_synced_once_per_update(tmp_path):
     assert CountingEngine.binds == [policy], "one bind per run, whoever generates first"
     assert CountingEngine.syncs == [policy] * 3, "one weight push per rollout batch, none for evaluations"
     assert "time/weight_sync_s" in scalars(tmp_path / "lightning_logs" / "version_0")
+
+
+def test_a_diverging_run_stops_clearly_and_writes_no_broken_checkpoint(tmp_path):
+    # lr 1e30: the first step blows the weights up; the run must stop before generating with them
+    optimizer = '{"class_path": "torch.optim.SGD", "init_args": {"lr": 1e30}}'
+    odd_digits = '[{"class_path": "RegexFormatReward", "init_args": {"pattern": "[13579]"}}]'  # non-zero advantages
+    args = tiny_args(tmp_path, "--model.optimizer", optimizer, "--data.rewards", odd_digits, max_steps=8)
+    args += ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=2"]
+    with pytest.raises(RuntimeError, match="non-finite"):
+        cli_main(["fit", *args])
+    for path in tmp_path.rglob("*.ckpt"):
+        state = torch.load(path, weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values()), path
+
+
+def test_non_finite_gradients_are_skipped_then_stop_the_run(tiny_path, rollout):
+    from support import built_module, prepared
+
+    module = built_module(tiny_path, mini_batches=2, max_nonfinite_steps=2)
+    batch = prepared(module, rollout)
+    for p in module.policy.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    norm = torch.tensor(float("nan"))
+    assert module.nonfinite_guard(norm, True, module.policy) is True
+    assert all(p.grad is None for p in module.policy.parameters()), "the optimizer must see no gradient"
+    assert module.nonfinite_guard(torch.tensor(1.0), False, module.policy) is False  # a finite step resets
+    module.nonfinite_guard(norm, True, module.policy)
+    with pytest.raises(RuntimeError, match="2 optimizer steps in a row had a non-finite gradient"):
+        module.nonfinite_guard(norm, True, module.policy)
+    assert len(batch) == 16

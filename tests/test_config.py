@@ -1,14 +1,17 @@
 """Components picked in YAML through jsonargparse class_path/init_args: short names and import paths."""
 
+import sys
 import textwrap
 
 import pytest
 import torch
 import yaml
 from jsonargparse import ArgumentParser
+from support import tiny_args
 
 import gspo_lightning as gl
 from gspo_lightning import Advantage, Clip, PolicyObjective, Ratio
+from gspo_lightning.cli import DEMO_CONFIG, cli_main
 
 
 def _parser():
@@ -106,3 +109,46 @@ def test_dump_round_trip():
 
 def test_component_types_are_exported():
     assert issubclass(gl.DualClip, Clip) and issubclass(gl.SequenceTokenRatio, Ratio)
+
+
+@pytest.fixture()
+def bare_argv(monkeypatch):
+    """No pytest arguments in sys.argv for LightningCLI to warn about next to ``args``."""
+    monkeypatch.setattr(sys, "argv", ["gspo-lightning"])
+
+
+@pytest.mark.usefixtures("bare_argv")
+@pytest.mark.parametrize(
+    ("args", "suggestion"),
+    [
+        (["--model.ratio", "SequenceRatoi"], "unknown ratio 'SequenceRatoi'; did you mean 'SequenceRatio'?"),
+        (["--model.clip.class_path", "PPOClp"], "unknown clip 'PPOClp'; did you mean 'PPOClip'?"),
+        (["--data.engine", "TransformerEngine"], "did you mean 'TransformersEngine'?"),
+        (["--model.ratio", "PPOClip"], "'PPOClip' is a clip, not a ratio"),
+    ],
+)
+def test_misspelled_component_suggests_the_nearest_name(capsys, args, suggestion):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(DEMO_CONFIG), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, f"one line, no usage dump:\n{err}"
+    assert suggestion in err and "gspo-lightning list" in err and "Expected a dot import path" not in err
+
+
+@pytest.mark.usefixtures("bare_argv")
+def test_misspelled_reward_in_yaml_suggests_the_nearest_name(capsys, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("data:\n  rewards:\n    - class_path: ExactMatchRewad\n")
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(DEMO_CONFIG), "--config", str(config)])
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "did you mean 'ExactMatchReward'?" in err and "gspo-lightning list reward" in err
+
+
+@pytest.mark.usefixtures("bare_argv")
+def test_max_steps_that_is_not_a_multiple_of_a_rollout_batch_warns(tmp_path):
+    # 2 mini-batches x 1 epoch per rollout batch: max_steps=3 ends after 2 rollout batches, at step 4
+    with pytest.warns(UserWarning, match=r"trainer.max_steps=3 .* rounds up to 4"):
+        cli = cli_main(["fit", *tiny_args(tmp_path, max_steps=3)])
+    assert cli.trainer.global_step == 4

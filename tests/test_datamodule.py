@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gspo_lightning.data import AdditionTask
+from gspo_lightning.data import AdditionTask, PromptRecord, PromptSource
 from gspo_lightning.datamodule import RolloutDataModule
 from gspo_lightning.engines import SamplingConfig
 from gspo_lightning.rewards import FunctionReward
@@ -75,6 +75,44 @@ def test_resume_with_another_seed_is_refused(tiny_path):
         dm.load_state_dict({"epoch": 0, "cursor": 3, "steps": 1, "seed": 0})
 
 
+def test_resume_with_another_prompt_set_is_refused(tiny_path, tiny_model):
+    state = _ready(_dm(tiny_path), tiny_model).state_dict()
+    other = _dm(tiny_path, prompts=AdditionTask(num_train=40, num_val=8, seed=1))  # same count, other prompts
+    other.load_state_dict(state)  # restored before setup: checked once the prompts are encoded
+    with pytest.raises(ValueError, match="another prompt set") as error:
+        other.setup("fit")
+    assert "\n" not in str(error.value) and "data.prompts" in str(error.value)
+    fewer = _ready(_dm(tiny_path, prompts=AdditionTask(num_train=39, num_val=8)), tiny_model)
+    with pytest.raises(ValueError, match="40 training prompts"):
+        fewer.load_state_dict(state)
+    _ready(_dm(tiny_path), tiny_model).load_state_dict(state)  # the same prompts resume
+    old_checkpoint = {k: v for k, v in state.items() if k != "prompts"}
+    _ready(_dm(tiny_path, prompts=AdditionTask(num_train=40, num_val=8, seed=1)), tiny_model).load_state_dict(
+        old_checkpoint
+    )  # written before fingerprints: nothing to compare
+
+
+def test_restored_rollouts_do_not_depend_on_what_ran_before(tiny_path, tiny_model):
+    a = _ready(_dm(tiny_path), tiny_model)
+    a.next_rollout()
+    state = a.state_dict()
+    expected = a.next_rollout().input_ids
+    b = _ready(_dm(tiny_path), tiny_model)
+    b.load_state_dict(state)
+    torch.rand(1000)  # anything drawn between the checkpoint and the next rollout (evaluation, loaders)
+    list(b.evaluate_heldout())
+    assert torch.equal(b.next_rollout().input_ids, expected)
+
+
+def test_rollouts_leave_the_process_random_stream_alone(tiny_path, tiny_model):
+    dm = _ready(_dm(tiny_path), tiny_model)
+    torch.manual_seed(5)
+    dm.next_rollout()
+    after_rollout = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(3), after_rollout)
+
+
 def test_dynamic_sampling_replaces_zero_variance_groups(tiny_path, tiny_model):
     # reward 1 for prompts whose first operand is even, per sample alternating otherwise
     def reward(prompts, completions, answers):
@@ -113,6 +151,8 @@ def test_evaluate_scores_greedy_and_sampled(tiny_path, tiny_model):
         ({"num_samples": 1}, "at least two samples"),
         ({"reward_weights": [1.0, 2.0]}, "one each"),
         ({"prompts_per_step": 0}, "must be >= 1"),
+        ({"val_size": -1}, "val_size=-1"),
+        ({"val_num_samples": -1}, "val_num_samples=-1"),
     ],
 )
 def test_bad_options(tiny_path, kwargs, match):
@@ -128,4 +168,31 @@ def test_prompts_per_step_must_split_over_ranks(tiny_path, tiny_model, monkeypat
 def test_overlong_prompts_error_names_the_option(tiny_path):
     dm = _dm(tiny_path, max_prompt_length=3, on_overlong="error")
     with pytest.raises(ValueError, match="max_prompt_length"):
+        dm.setup("fit")
+
+
+class _Records(PromptSource):
+    """Fixed train and held-out prompts."""
+
+    def __init__(self, train: list[str], val: list[str]) -> None:
+        self._splits = [[PromptRecord(text, None, i) for i, text in enumerate(split)] for split in (train, val)]
+
+    def train(self) -> list[PromptRecord]:
+        return self._splits[0]
+
+    def validation(self) -> list[PromptRecord]:
+        return self._splits[1]
+
+
+def test_overlong_heldout_prompts_are_counted(tiny_path):
+    prompts = _Records(["1+2="] * 8, ["3+4=", "12+34+56+78=", "5+6="])
+    dm = _dm(tiny_path, prompts=prompts, max_prompt_length=8)
+    with pytest.warns(UserWarning, match=r"Dropped 1 held-out prompts? longer than max_prompt_length=8"):
+        dm.setup("fit")
+    assert len(dm.val_prompts) == 2
+
+
+def test_fewer_training_prompts_than_a_batch_warns(tiny_path):
+    dm = _dm(tiny_path, prompts=AdditionTask(num_train=3, num_val=2), prompts_per_step=4)
+    with pytest.warns(UserWarning, match="3 training prompts for data.prompts_per_step=4"):
         dm.setup("fit")

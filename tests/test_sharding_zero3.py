@@ -28,4 +28,4 @@ def test_zero3_partitions_are_gathered_for_sync_and_export(tmp_path):
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     checks = json.loads(out.read_text())
-    assert checks == dict.fromkeys(checks, True) and len(checks) == 7, checks
+    assert checks == dict.fromkeys(checks, True) and len(checks) == 9, checks

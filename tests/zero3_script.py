@@ -16,6 +16,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from gspo_lightning.engines.vllm_weights import iter_full_weights
 from gspo_lightning.sharding import full_state_dict, is_zero3
+from gspo_lightning.training.logprobs import response_logprobs
 
 
 def same(a: dict, b: dict) -> bool:
@@ -50,6 +51,20 @@ def main(out: str) -> None:
     checks["full_after_matches_iter"] = same(full_state_dict(model), after)
     checks["changed"] = not torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
     checks["tied_alias"] = torch.equal(after["lm_head.weight"], after["model.embed_tokens.weight"])
+    # the chunked log-prob head calls the (partitioned, tied) output projection as a module: ZeRO-3 gathers it,
+    # in the forward and in the backward recomputation
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    with torch.no_grad():
+        full = response_logprobs(model, ids, mask, 4, with_entropy=True, chunk_size=None)
+        chunked = response_logprobs(model, ids, mask, 4, with_entropy=True, chunk_size=3)
+    checks["chunked_head"] = torch.allclose(full.logprobs, chunked.logprobs, atol=1e-5) and torch.allclose(
+        full.entropy, chunked.entropy, atol=1e-5
+    )
+    trained = response_logprobs(model, ids, mask, 4, chunk_size=3)
+    engine.backward(-trained.logprobs.sum())
+    engine.step()
+    checks["chunked_backward"] = all(torch.isfinite(t).all() for t in dict(iter_full_weights(model)).values())
+    after = dict(iter_full_weights(model))
     checksum = torch.stack([t.double().sum() for t in after.values()])
     gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, checksum)

@@ -22,11 +22,15 @@ class HeldOutReport(Callback):
 
     Logs ``val/accuracy`` and ``val/accuracy_sampled`` at the start step too, prints a before/after
     table at the end, and writes it as ``heldout_report.json`` in the logger's folder.
+
+    The "before" figures are saved in checkpoints: a resumed run keeps the baseline of the run's start
+    instead of re-evaluating the partly trained policy.
     """
 
     def __init__(self) -> None:
         self.before: dict[str, float] = {}
         self.after: dict[str, float] = {}
+        self._restored = False  # `before` came from a checkpoint: the next training start keeps it
 
     @staticmethod
     def _evaluate(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
@@ -40,6 +44,10 @@ class HeldOutReport(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        restored, self._restored = self._restored, False
+        if restored:
+            rank_zero_info(self._line("held-out accuracy before (from the checkpoint)", self.before))
+            return
         self.before = self._evaluate(trainer, pl_module)
         for logger in trainer.loggers:
             logger.log_metrics({k: v for k, v in self.before.items() if k != "n"}, step=logger_step(trainer))
@@ -80,3 +88,4 @@ class HeldOutReport(Callback):
     @override
     def load_state_dict(self, state_dict: dict) -> None:
         self.before = state_dict.get("before", {})
+        self._restored = bool(self.before)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from gspo_lightning.batch import RolloutBatch
-from gspo_lightning.ops import group_index, group_stats, group_sum, seq_mean
+from gspo_lightning.ops import global_std, group_index, group_stats, group_sum, seq_mean
 from gspo_lightning.registry import Registry
 
 
@@ -34,7 +34,7 @@ class Advantage(nn.Module, ABC):
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         with torch.no_grad():
-            return super().__call__(batch).detach()
+            return super().__call__(batch).detach().to(torch.float32)
 
 
 ADVANTAGES: Registry[Advantage] = Registry("advantage", Advantage)
@@ -48,8 +48,9 @@ class GroupNormAdvantage(Advantage):
     (Bessel-corrected, G-1) standard deviation, as ``torch.std`` and TRL use.
 
     Args:
-        scale: which std divides: ``"group"`` (of the prompt's G rewards), ``"batch"`` (of all N rewards,
-            less sensitive to groups with tiny spread) or ``"none"`` (no division, Dr. GRPO).
+        scale: which std divides: ``"group"`` (of the prompt's G rewards), ``"batch"`` (of all N rewards of
+            every data-parallel rank, as TRL's ``scale_rewards="batch"``; less sensitive to groups with tiny
+            spread; a collective under data parallelism) or ``"none"`` (no division, Dr. GRPO).
         eps: added to the std; a group whose rewards are all equal gets exactly 0 whatever eps is.
     """
 
@@ -63,13 +64,13 @@ class GroupNormAdvantage(Advantage):
         self.eps = eps
 
     def forward(self, batch: RolloutBatch) -> Tensor:
-        rewards = batch.advantage_rewards.to(torch.float32)
+        rewards = batch.advantage_rewards.to(torch.float64)
         mean, std, _ = group_stats(rewards, batch.group_ids)
         centred = rewards - mean
         if self.scale == "none":
             return centred
         if self.scale == "batch":
-            std = (rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())).expand_as(rewards)
+            std = global_std(rewards).expand_as(rewards)  # over every rank, as TRL and verl
         # A zero spread means every centred reward is 0: return 0 rather than 0/0 when eps is 0.
         return torch.where(std > 0, centred / (std + self.eps), torch.zeros_like(centred))
 
@@ -93,7 +94,7 @@ class RLOOAdvantage(Advantage):
     """
 
     def forward(self, batch: RolloutBatch) -> Tensor:
-        rewards = batch.advantage_rewards.to(torch.float32)
+        rewards = batch.advantage_rewards.to(torch.float64)
         mean, _, count = group_stats(rewards, batch.group_ids)
         factor = torch.where(count > 1, count / (count - 1).clamp(min=1.0), torch.zeros_like(count))
         return factor * (rewards - mean)
@@ -135,7 +136,7 @@ class ContrastAdvantage(Advantage):
                 "ContrastAdvantage needs batch.old_logprobs and batch.ref_logprobs (s_i is pi_old / pi_ref);"
                 " the training module provides both when a reference model is configured."
             )
-        rewards = batch.advantage_rewards.to(torch.float32)
+        rewards = batch.advantage_rewards.to(torch.float64)
         mean, _, _ = group_stats(rewards, batch.group_ids)
         good = rewards >= mean - self.tol * mean.abs().clamp(min=1.0)
         s = torch.exp(seq_mean(batch.old_logprobs.float() - batch.ref_logprobs.float(), batch.response_mask.bool()))

@@ -47,8 +47,23 @@ class K2KL(KL):
 
 @KLS.register
 class K3KL(KL):
-    """k3 estimator: exp(ref - lp) - (ref - lp) - 1 (unbiased, low variance, non-negative; GRPO's choice)."""
+    """k3 estimator: exp(ref - lp) - (ref - lp) - 1 (unbiased, low variance, non-negative; GRPO's choice).
+
+    ``ref - lp`` is clamped to +-20 before ``exp`` (finite in float32), and the result to ``[0, max_value]``,
+    as verl's ``low_var_kl`` does (at 10): where the reference gives a sampled token far more mass than the
+    policy (``ref - lp`` = 29 gives 4.85e8) one token would otherwise dominate the loss, and its gradient.
+
+    Args:
+        max_value: upper clamp of the per-token estimate (None: no clamp).
+    """
+
+    def __init__(self, max_value: float | None = 10.0) -> None:
+        super().__init__()
+        if max_value is not None and max_value <= 0:
+            raise ValueError(f"max_value must be > 0 or None, got {max_value}.")
+        self.max_value = max_value
 
     def forward(self, logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
         log_ratio = (ref_logprobs.detach() - logprobs).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
-        return torch.exp(log_ratio) - log_ratio - 1.0
+        kl = torch.exp(log_ratio) - log_ratio - 1.0
+        return kl if self.max_value is None else kl.clamp(max=self.max_value)

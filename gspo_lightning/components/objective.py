@@ -7,6 +7,7 @@ them, so -inf or NaN at padding never reaches the loss or its gradient.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -19,7 +20,7 @@ from gspo_lightning.components.aggregation import (
     masked_metric_mean,
 )
 from gspo_lightning.components.clip import Clip
-from gspo_lightning.components.kl import KL
+from gspo_lightning.components.kl import K1KL, KL
 from gspo_lightning.components.ratio import Ratio
 from gspo_lightning.ops import masked_fill_padding, seq_lengths
 
@@ -64,6 +65,12 @@ class PolicyObjective(nn.Module):
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}.")
         if kl_coef > 0 and kl is None:
             raise ValueError(f"kl_coef={kl_coef} needs a KL estimator: pass kl=K3KL() (or K1KL, K2KL).")
+        if kl_coef > 0 and isinstance(kl, K1KL):
+            warnings.warn(
+                "K1KL as a loss term (kl_coef > 0) has zero expected gradient: it does not pull the policy towards"
+                " the reference. Use K3KL or K2KL in the loss, or K1KL with kl_in_reward.",
+                stacklevel=2,
+            )
         self.ratio = ratio
         self.clip = clip
         self.kl = kl

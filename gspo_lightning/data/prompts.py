@@ -8,6 +8,7 @@ offline; the synthetic tasks live in :mod:`gspo_lightning.data.tasks`.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 from abc import ABC, abstractmethod
@@ -199,7 +200,7 @@ class FilePrompts(PromptSource):
             except Exception as err:  # datasets raises many types (ArrowInvalid, DatasetGenerationError, ...)
                 if "corresponds to no data" in str(err):  # e.g. a CSV with only a header
                     raise ValueError(_no_rows(path)) from err
-                raise ValueError(f"Could not read {str(path)!r} as {builder}: {err}") from err
+                raise ValueError(self._unreadable(path, builder, err)) from err
         if len(ds) == 0:
             raise ValueError(_no_rows(path))
         columns = list(ds.column_names)
@@ -215,12 +216,84 @@ class FilePrompts(PromptSource):
                     f"{str(path)!r} has no column {column!r}; its columns are {columns}."
                     f" Set {argument}= to one of them{hint}."
                 )
-        prompts = ds.data.column(self.prompt_column).to_pylist()
+        try:  # pyarrow's JSON reader keeps invalid UTF-8, which fails only here
+            prompts = ds.data.column(self.prompt_column).to_pylist()
+            answers = ds.data.column(self.answer_column).to_pylist() if self.answer_column is not None else None
+        except UnicodeDecodeError as err:
+            raise ValueError(self._unreadable(path, builder, err)) from err
         _check_prompts(prompts, path, self.prompt_column)
-        if self.answer_column is None:
+        if answers is None:
             return [(p, None) for p in prompts]
-        answers = ds.data.column(self.answer_column).to_pylist()
         return [(p, answer_to_str(a, f"row {i} of {str(path)!r}")) for i, (p, a) in enumerate(zip(prompts, answers))]
+
+    def _unreadable(self, path: Path, builder: str, err: BaseException) -> str:
+        """One line on why ``path`` could not be read: where it is not UTF-8, or not JSON, else ``err``'s reason."""
+        not_utf8 = _utf8_problem(path) if builder in ("json", "csv") else None
+        if not_utf8 is not None:
+            return not_utf8
+        lines = self.format == "jsonl" or path.suffix.lower() == ".jsonl"
+        problem = _json_problem(path, lines) if builder == "json" else None
+        return f"Could not read {str(path)!r} as {builder}: {problem or _reason(err)}"
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of ``err``'s message, or of its cause's when ``datasets`` wrapped it in a generic one."""
+    if type(err).__name__ == "DatasetGenerationError" and err.__cause__ is not None:
+        err = err.__cause__
+    return next(iter(str(err).splitlines()), "") or type(err).__name__
+
+
+def _utf8_problem(path: Path) -> str | None:
+    """Where ``path`` stops being valid UTF-8 (byte offset and 1-based line) with the fix, or None when valid."""
+    offset = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):  # b"\n" never occurs inside a UTF-8 character
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (
+                    f"Prompt file {str(path)!r} is not valid UTF-8: byte {offset + e.start} (line {lineno}) is"
+                    f" 0x{raw[e.start]:02x} ({e.reason}); save it as UTF-8 (e.g. `iconv -f cp1252 -t utf-8 old > new`"
+                    " or your editor's 'Save with encoding UTF-8')."
+                )
+            offset += len(raw)
+    return None
+
+
+def _json_problem(path: Path, lines: bool) -> str | None:
+    """The first place where ``path`` is not valid JSON Lines (``lines``) or JSON, with the fix; None if valid.
+
+    A ``.json`` file whose first line is a JSON object of its own is read as JSON Lines too, as ``datasets``
+    does.
+    """
+    text = path.read_text(encoding="utf-8")
+    rows = text.split("\n")
+    first = next((row for row in rows if row.strip()), "")
+    if not lines and not first.lstrip().startswith("["):
+        with contextlib.suppress(json.JSONDecodeError):
+            lines = isinstance(json.loads(first), dict)
+    if not lines:
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno}, column {e.colno} is not valid JSON ({e.msg}); fix the JSON syntax there."
+        return None
+    for lineno, row in enumerate(rows, 1):
+        if not row.strip():
+            continue
+        try:
+            value = json.loads(row)
+        except json.JSONDecodeError as e:
+            return (
+                f"line {lineno} is not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object:"
+                " fix or remove that line."
+            )
+        if not isinstance(value, dict):
+            return (
+                f"line {lineno} is a {type(value).__name__}, not a JSON object; each line must be one JSON object"
+                ' such as {"prompt": ..., "answer": ...}.'
+            )
+    return None
 
 
 def _no_rows(path: Path) -> str:

@@ -23,8 +23,9 @@ class SamplingConfig:
     Attributes:
         temperature: softmax temperature; the trainer divides its logits by the same value so that its
             log-probs are those of the distribution that was sampled.
-        top_p: nucleus sampling mass (1.0 disables it).
-        top_k: keep the k most likely tokens (0 disables it).
+        top_p: nucleus sampling mass (1.0 disables it). Training rollouts refuse other values: see
+            :meth:`RolloutEngine.configure`.
+        top_k: keep the k most likely tokens (0 disables it); refused for training rollouts likewise.
         max_new_tokens: generation limit T_max; responses that reach it are "truncated".
     """
 
@@ -75,8 +76,18 @@ class RolloutEngine(ABC):
         """Called once by the data module with the run's sampling settings and tokenizer.
 
         Raises:
-            ValueError: the tokenizer has no pad token (``gspo_lightning.models.load_tokenizer`` sets one).
+            ValueError: the tokenizer has no pad token (``gspo_lightning.models.load_tokenizer`` sets one), or
+                ``top_p < 1`` / ``top_k > 0``: the engine would sample from a truncated, renormalised
+                distribution while the trainer's log-probs cover the whole vocabulary (only the temperature is
+                applied on both sides), so at identical weights the GSPO ratio is ~0.9 and a mismatch correction
+                rejects the samples (docs/algorithms.md#rollouttrainer-mismatch).
         """
+        if sampling.top_p < 1 or sampling.top_k > 0:
+            raise ValueError(
+                f"data.sampling has top_p={sampling.top_p}, top_k={sampling.top_k}: the trainer's log-probs do not"
+                " describe a truncated sampling distribution, so ratios would be wrong at identical weights. Set"
+                " top_p: 1.0 and top_k: 0 (the temperature is applied on both sides)."
+            )
         if tokenizer.pad_token_id is None:
             raise ValueError(
                 "The tokenizer has no pad token: load it with gspo_lightning.models.load_tokenizer, which uses"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from transformers import GenerationConfig
 
 from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine, pad_left, response_mask_until_eos
 from gspo_lightning.sharding import is_sharded
@@ -15,7 +16,8 @@ class TransformersEngine(RolloutEngine):
     """transformers ``generate`` on the training policy itself (no copy, so no weight sync is needed).
 
     Prompts are left-padded and generated in chunks of ``batch_size`` prompts, each with
-    ``num_return_sequences = G``. The policy is put in eval mode while generating and restored after.
+    ``num_return_sequences = G``. The policy is put in eval mode while generating and restored after. The
+    model's own ``generation_config`` is ignored: only ``SamplingConfig`` shapes the rollouts.
 
     Args:
         batch_size: prompts per ``generate`` call (bounds the KV-cache memory); None means all at once.
@@ -51,17 +53,19 @@ class TransformersEngine(RolloutEngine):
         ids, mask = pad_left(prompt_ids, pad_id)
         device = next(self.policy.parameters()).device
         s = self.sampling
-        kwargs = (
-            {"do_sample": False}
-            if greedy
-            else {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
-        )
+        # every sampling parameter comes from SamplingConfig: top_k=0 switches off transformers' default of 50
+        sample = {"do_sample": True, "temperature": s.temperature, "top_p": 1.0, "top_k": 0}
+        kwargs = {"do_sample": False} if greedy else sample
         synced = self.synced_gpus
         if synced is None:
             synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
             synced = synced and is_sharded(self.policy)
-        was_training = self.policy.training
+        was_training, checkpoint_config = self.policy.training, self.policy.generation_config
         self.policy.eval()
+        # a checkpoint's generation_config.json (repetition_penalty, min_p, suppress_tokens, ...) fills every
+        # parameter generate() is not given: swap in transformers' neutral defaults so that the rollouts come
+        # from the distribution the trainer's log-probs describe (softmax(logits / temperature))
+        self.policy.generation_config = GenerationConfig()
         chunks = []
         step = self.batch_size or len(prompt_ids)
         try:
@@ -80,6 +84,7 @@ class TransformersEngine(RolloutEngine):
                 chunks.append(out[:, ids.shape[1] :].cpu())
         finally:
             self.policy.train(was_training)
+            self.policy.generation_config = checkpoint_config
         width = max(c.shape[1] for c in chunks)
         response = torch.cat([nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
         response_mask, truncated = response_mask_until_eos(response, eos_ids, s.max_new_tokens)

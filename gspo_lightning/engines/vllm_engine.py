@@ -95,7 +95,10 @@ class VLLMEngine(RolloutEngine):
         enforce_eager: skip CUDA graphs / torch.compile; None: True on CPU (startup time), False on GPU.
         kv_cache_memory_bytes: KV cache size; None: from ``gpu_memory_utilization`` on GPU, 1 GiB on CPU.
         max_num_seqs: sequences per engine step (None: vLLM's default).
-        sync_every: push the weights on every k-th ``sync_weights`` call (1: after every update).
+        sync_every: push the weights on every k-th ``sync_weights`` call (1: after every update). With k > 1
+            rollouts come from weights up to k - 1 rollout batches old, and ``old_logprobs: auto`` does not
+            correct for that (pi_old is the trainer's current policy): set ``model.mismatch_correction``
+            (importance weights against the engine's log-probs) or ``model.old_logprobs: rollout``.
         seed: seeds the engine's sampler (ranks of a tensor-parallel group share it).
         engine_kwargs: further ``vllm.LLM`` arguments, passed as they are.
     """

@@ -61,6 +61,7 @@ class RoutingController:
         self._shape: tuple[int, int] = (0, 0)  # (n, S) of the forward being recorded or replayed
         self._replay: Tensor | None = None  # (n, L, S, k)
         self._recorded: list[Tensor | None] = [None] * len(self.routers)
+        self._chosen: list[Tensor | None] = [None] * len(self.routers)
         for i, router in enumerate(self.routers):
             router.register_forward_hook(self._hook(i))
 
@@ -68,12 +69,42 @@ class RoutingController:
     def num_layers(self) -> int:
         return len(self.routers)
 
+    @torch.no_grad()
+    def routers_replay_unchanged(self, positions: int = 8) -> list[str]:
+        """Names of the routers whose own choice, recorded then replayed, is not reproduced exactly.
+
+        Replay recomputes the routing weights as a softmax over the router's logits at the recorded experts
+        (renormalised when the router normalises its top-k). That is the identity for softmax-top-k routers
+        (Qwen-MoE, Mixtral, OLMoE) and not for others (DeepSeek-V3's sigmoid + bias + scaling router): there
+        it would silently change the model. Routers whose weights are partitioned (DeepSpeed ZeRO-3) cannot
+        be called on their own and are not checked.
+        """
+        ids = torch.zeros(1, positions, dtype=torch.long)
+        failed = []
+        for i, router in enumerate(self.routers):
+            weight = router.weight
+            if weight.numel() == 0:
+                continue
+            g = torch.Generator().manual_seed(i)
+            hidden = torch.randn(positions, weight.shape[-1], generator=g).to(weight)
+            with self.recording(ids):
+                own = router(hidden)
+                experts = self._recorded[i]
+            replay = torch.zeros(1, self.num_layers, positions, experts.shape[-1], dtype=torch.long)
+            replay[:, i] = experts.cpu()
+            with self.replaying(ids, replay):
+                replayed = router(hidden)
+            if not torch.allclose(own[1].float(), replayed[1].float(), rtol=1e-5, atol=1e-6):
+                failed.append(f"{type(router).__name__} (MoE layer {i})")
+        return failed
+
     def _hook(self, layer: int):
         def hook(module: nn.Module, inputs, output):
             if self.mode == "off":
                 return output
             logits, weights, experts = output
             n, s = self._shape
+            self._chosen[layer] = experts.detach().reshape(n, s, -1)  # the router's own choice, even under replay
             if self.mode == "replay":
                 experts = self._replay[:, layer].reshape(n * s, -1).to(device=logits.device, dtype=torch.long)
                 probs = torch.softmax(logits.float(), dim=-1)
@@ -112,16 +143,26 @@ class RoutingController:
         previous = self.mode, self._shape
         self.mode, self._shape = mode, (input_ids.shape[0], input_ids.shape[1])
         self._recorded = [None] * self.num_layers
+        self._chosen = [None] * self.num_layers
         try:
             yield
         finally:
             self.mode, self._shape = previous
 
     def recorded(self) -> Tensor:
-        """(n, L, S, k) experts of the last recorded or replayed forward, as small integers."""
-        if any(r is None for r in self._recorded):
+        """(n, L, S, k) experts the last recorded or replayed forward used, as small integers."""
+        return self._stack(self._recorded)
+
+    def chosen(self) -> Tensor:
+        """(n, L, S, k) experts the routers themselves chose in the last forward: under replay these differ from
+        :meth:`recorded` (the replayed ones) wherever routing has moved since pi_old."""
+        return self._stack(self._chosen)
+
+    @staticmethod
+    def _stack(layers: list[Tensor | None]) -> Tensor:
+        if any(r is None for r in layers):
             raise RuntimeError("No routing was recorded: run a forward inside recording() or replaying() first.")
-        stacked = torch.stack(self._recorded, dim=1)
+        stacked = torch.stack(layers, dim=1)
         return stacked.to(torch.uint8 if int(stacked.max()) < 256 else torch.int16)
 
 
@@ -142,13 +183,16 @@ def routing_context(
 def routing_change_frac(old: Tensor, new: Tensor, response_mask: Tensor) -> Tensor:
     """Fraction of (response token, MoE layer) pairs whose top-k expert *set* differs.
 
+    The log-prob of response token j is computed at position P-1+j (the logits there predict it), so the
+    positions compared are P-1 .. P+T-2: the last prompt position up to the second-to-last response one.
+
     Args:
         old, new: (n, L, S, k) experts, S = prompt width P + response width T.
         response_mask: (n, T) bool.
     """
     t = response_mask.shape[1]
-    old_sorted = old[:, :, -t:].long().sort(-1).values
-    new_sorted = new[:, :, -t:].long().sort(-1).values
+    old_sorted = old[:, :, -t - 1 : -1].long().sort(-1).values
+    new_sorted = new[:, :, -t - 1 : -1].long().sort(-1).values
     changed = (old_sorted != new_sorted).any(-1)  # (n, L, T)
     mask = response_mask.bool()[:, None, :].expand_as(changed)
     return (changed & mask).sum().float() / mask.sum().clamp(min=1).float()

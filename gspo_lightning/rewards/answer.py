@@ -4,7 +4,9 @@ math-verify (https://github.com/huggingface/Math-Verify) guards parsing and comp
 ``signal.alarm`` timeouts, which raise ``ValueError`` outside the main thread. :class:`MathAnswerReward`
 passes its timeout only in the main thread and disables it (``parsing_timeout=None``,
 ``timeout_seconds=None``) elsewhere, so it also runs in worker threads, where a pathological expression
-(e.g. ``9^{9^{9^9}}``) is then not interrupted.
+(e.g. ``9^{9^{9^9}}``) is then not interrupted. The two timeouts differ: math-verify's ``timeout_seconds``
+scores one slow comparison as incorrect and goes on; the reward's own ``timeout_s`` (every reward has it)
+fails the whole call and, as it runs the reward on a worker thread, switches ``timeout_seconds`` off.
 """
 
 from __future__ import annotations
@@ -65,10 +67,15 @@ class MathAnswerReward(Reward):
         extract_boxed_or_last: take the last ``\\boxed{}`` answer, or failing that the last expression in
             the text; False accepts only marked answers (``\\boxed{}``, "the final answer is ...").
         timeout_seconds: math-verify's per-operation timeout, applied in the main thread only (see the
-            module docstring); None disables it.
+            module docstring): a comparison that takes longer scores ``incorrect``; None disables it.
         name: the name used in logs; defaults to the class name.
+        timeout_s: a limit in seconds on each call (the whole batch), which then runs on a worker thread
+            where ``timeout_seconds`` cannot apply: a pathological expression then fails the call with a
+            :class:`~gspo_lightning.rewards.base.RewardError` after ``timeout_s`` instead of scoring
+            ``incorrect``. None (the default) keeps scoring in the calling thread.
 
     Raises:
+        ValueError: ``timeout_seconds`` < 0, or ``timeout_s`` not None or a finite number > 0.
         RewardError: when called on a sample whose reference answer is None.
     """
 
@@ -79,8 +86,9 @@ class MathAnswerReward(Reward):
         extract_boxed_or_last: bool = True,
         timeout_seconds: int | None = 5,
         name: str | None = None,
+        timeout_s: float | None = None,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, timeout_s)
         if timeout_seconds is not None and timeout_seconds < 0:
             raise ValueError(f"timeout_seconds must be >= 0 or None, got {timeout_seconds}.")
         self.correct = float(correct)
@@ -127,6 +135,8 @@ class ExactMatchReward(Reward):
         strip: strip surrounding whitespace from both before comparing.
         case_sensitive: compare case-sensitively; False compares ``casefold()``-ed strings.
         name: the name used in logs; defaults to the class name.
+        timeout_s: a limit in seconds on each call, which then runs on a worker thread; None for none (see
+            :class:`~gspo_lightning.rewards.base.Reward`).
 
     Raises:
         RewardError: when called on a sample whose reference answer is None.
@@ -139,8 +149,9 @@ class ExactMatchReward(Reward):
         strip: bool = True,
         case_sensitive: bool = True,
         name: str | None = None,
+        timeout_s: float | None = None,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, timeout_s)
         self.correct = float(correct)
         self.incorrect = float(incorrect)
         self.strip = strip

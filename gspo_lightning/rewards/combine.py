@@ -19,13 +19,22 @@ class WeightedReward(Reward):
         rewards: the rewards to combine (at least one).
         weights: one weight per reward; None weighs each by 1.
         name: the name used in logs; defaults to the class name.
+        timeout_s: a limit in seconds on each call, which then runs on a worker thread; None for none (see
+            :class:`~gspo_lightning.rewards.base.Reward`); it bounds the whole sum, while each reward keeps its
+            own.
 
     Raises:
         ValueError: no rewards, or weights of the wrong length or not finite.
     """
 
-    def __init__(self, rewards: list[Reward], weights: list[float] | None = None, name: str | None = None):
-        super().__init__(name)
+    def __init__(
+        self,
+        rewards: list[Reward],
+        weights: list[float] | None = None,
+        name: str | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        super().__init__(name, timeout_s)
         self.rewards = list(rewards)
         self.weights = check_weights(len(self.rewards), weights)
 

@@ -22,6 +22,8 @@ class RegexFormatReward(Reward):
         miss_score: score of a non-matching completion.
         mode: ``"search"`` (the pattern occurs anywhere) or ``"fullmatch"`` (the whole completion).
         name: the name used in logs; defaults to the class name.
+        timeout_s: a limit in seconds on each call, which then runs on a worker thread; None for none (see
+            :class:`~gspo_lightning.rewards.base.Reward`).
 
     Raises:
         ValueError: ``pattern`` is not a valid regular expression, or ``mode`` is unknown.
@@ -34,8 +36,9 @@ class RegexFormatReward(Reward):
         miss_score: float = 0.0,
         mode: Literal["search", "fullmatch"] = "search",
         name: str | None = None,
+        timeout_s: float | None = None,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, timeout_s)
         if mode not in ("search", "fullmatch"):
             raise ValueError(f"RegexFormatReward mode must be 'search' or 'fullmatch', got {mode!r}.")
         try:

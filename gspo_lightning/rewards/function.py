@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from gspo_lightning.rewards.base import REWARDS, Reward, RewardInputs
@@ -32,35 +31,36 @@ class FunctionReward(Reward):
 
     ``fn`` receives three lists of N strings (answers may hold None) and, as keyword arguments where its
     signature accepts them, ``response_lengths`` ((N,) int64 tensor), ``truncated`` ((N,) bool tensor) and
-    ``max_new_tokens`` (int). It returns N scores as a list of floats or an (N,) tensor. In YAML::
+    ``max_new_tokens`` (int). It returns N scores as a list of numbers (None or text is refused, naming the
+    sample), an (N,) tensor or array, or a generator of N numbers. In YAML::
 
         reward:
           class_path: FunctionReward
           init_args:
             fn: my_package.rewards.length_bonus
+            timeout_s: 60
 
     Args:
         fn: the function, or in a config its dotted import path.
         name: the name used in logs; defaults to the function's ``__name__``.
+        timeout_s: a limit in seconds on each call of ``fn``, which then runs on a worker thread; None for
+            none (see :class:`Reward`).
 
     Raises:
         TypeError: ``fn`` is not callable.
+        ValueError: ``timeout_s`` is not None or a finite number > 0.
     """
 
-    def __init__(self, fn: Callable[..., Any], name: str | None = None) -> None:
+    def __init__(self, fn: Callable[..., Any], name: str | None = None, timeout_s: float | None = None) -> None:
         if not callable(fn):
             raise TypeError(f"FunctionReward needs a callable fn, got {type(fn).__name__}: {fn!r}.")
         fn_name = getattr(fn, "__name__", "")
-        super().__init__(name or (fn_name if fn_name.isidentifier() else None))
+        super().__init__(name or (fn_name if fn_name.isidentifier() else None), timeout_s)
         self.fn = fn
         self._kwargs = _accepted_kwargs(fn)
 
-    def score(self, inputs: RewardInputs) -> Tensor:
+    def score(self, inputs: RewardInputs) -> Tensor | Sequence[float]:
+        """``fn``'s scores as it returned them (a generator drained to a list); the caller validates them."""
         extra = {k: getattr(inputs, k) for k in self._kwargs}
         out = self.fn(list(inputs.prompts), list(inputs.completions), list(inputs.answers), **extra)
-        if isinstance(out, Tensor):
-            return out
-        try:
-            return torch.as_tensor(list(out), dtype=torch.float32)
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"fn returned {type(out).__name__}; expected a list of N floats or a tensor.") from e
+        return list(out) if isinstance(out, Iterator) else out

@@ -30,6 +30,8 @@ class OverlongPenalty(Reward):
             ``L_max // 5`` (DAPO's 4096 / 20480). With 0 the penalty is a step at L_max.
         penalty: the magnitude of the penalty at L_max, >= 0.
         name: the name used in logs; defaults to the class name.
+        timeout_s: a limit in seconds on each call, which then runs on a worker thread; None for none (see
+            :class:`~gspo_lightning.rewards.base.Reward`).
 
     Raises:
         ValueError: invalid arguments (also when called, if ``buffer`` does not fit the inputs' limit).
@@ -41,8 +43,9 @@ class OverlongPenalty(Reward):
         buffer: int | None = None,
         penalty: float = 1.0,
         name: str | None = None,
+        timeout_s: float | None = None,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, timeout_s)
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"OverlongPenalty max_new_tokens must be >= 1, got {max_new_tokens}.")
         if buffer is not None and buffer < 0:

@@ -3,5 +3,5 @@
 ``policy`` (loading) -> ``pre_update`` (pi_old, reference, KL in reward, mismatch weights, advantages; no
 gradient) -> ``splits`` (mini- and micro-batches) -> ``update`` (the loss of one micro-batch, over
 ``logprobs``) -> ``strategy`` (what differs per Lightning strategy) -> ``metrics`` (what is logged).
-``rng`` holds the RNG states saved in checkpoints.
+``guard`` skips non-finite steps; ``optim`` builds the optimizer.
 """

@@ -1,16 +1,34 @@
-"""Log-probs (and entropies) of the sampled response tokens under a causal LM.
+"""Log-probs (and entropies) of the sampled response tokens under a causal LM, in bounded memory.
 
-One forward pass over ``[prompt | response]``; only the T + 1 last positions' logits are materialised
-(``logits_to_keep``), so memory scales with the response, not the prompt. Logits are divided by the
-sampling temperature so the log-probs are those of the distribution the engine sampled from.
+One forward pass over ``[prompt | response]``. The decoder runs as usual; the output projection (the "head")
+is computed over chunks of at most ``chunk_size`` response tokens, each chunk's ``(chunk, V)`` logits
+recomputed in backward (activation checkpointing) instead of kept, so the extra memory is O(chunk x V)
+whatever N and T are: no full-vocabulary ``(N, T, V)`` tensor is ever materialised (at a 151,936-token
+vocabulary one such fp32 tensor of 4 x 4,096 tokens is 10 GiB). Only real response tokens go through the
+head; padding gets log-prob and entropy 0.
+
+Logits are divided by the sampling temperature so the log-probs are those of the distribution the engine
+sampled from: ``log p(y_t) = z_y / tau - logsumexp(z / tau)``, ``H_t = logsumexp(z / tau) - sum_v p_v z_v / tau``.
+
+The head is swapped into the model for the duration of the forward (``set_output_embeddings``), so it runs
+inside the model's own forward and is called as a module: FSDP2 and DeepSpeed ZeRO-3 have its weight
+gathered there, as for the model's own ``lm_head``. Models whose logits are not a plain linear head of the
+last hidden state (logit soft-capping or scaling) fall back to the model's own logits, with one log line.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
+
+# config attributes that transform logits after the output projection: the chunked head would skip them
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 @dataclass
@@ -18,8 +36,8 @@ class TokenLogprobs:
     """Output of :func:`response_logprobs`.
 
     Attributes:
-        logprobs: (N, T) log-probs of the response tokens.
-        entropy: (N, T) entropy of the (temperature-scaled) next-token distribution, or None.
+        logprobs: (N, T) log-probs of the response tokens (0 at padding).
+        entropy: (N, T) entropy of the (temperature-scaled) next-token distribution (0 at padding), or None.
         router_logits: per-layer router logits of an MoE model (each (N*(P+T), E)), or None.
         aux_loss: the MoE model's load-balancing loss when router logits were requested, else None.
     """
@@ -35,6 +53,85 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _head_chunk(
+    head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float, entropy: bool, entropy_grad: bool
+) -> tuple[Tensor, Tensor]:
+    """Log-probs of ``targets`` and entropies for a chunk of C hidden states. (C, H) -> (C,), (C,)."""
+    logits = head(hidden).float() / temperature  # (C, V), freed when the chunk is done
+    lse = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    if not entropy:
+        return logprobs, logprobs.new_zeros(())
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logprobs, ent
+
+
+class ChunkedLogprobHead(nn.Module):
+    """Stands in for a causal LM's output projection and returns per-token log-probs instead of logits.
+
+    Called by the model's forward with the hidden states of the last T + 1 positions (``logits_to_keep``);
+    returns ``(N, T, 2)``: the sampled tokens' log-probs and the entropies. The wrapped head is not
+    registered as a submodule, so the model's parameters and state dict are unchanged while it stands in.
+
+    Args:
+        head: the model's output projection (``get_output_embeddings()``).
+        targets: (N, T) the response tokens.
+        mask: (N, T) bool, real response tokens.
+        temperature: the sampling temperature.
+        chunk_size: response tokens per chunk.
+        entropy: also compute entropies; ``entropy_grad``: with gradient.
+    """
+
+    def __init__(
+        self,
+        head: nn.Module,
+        targets: Tensor,
+        mask: Tensor,
+        temperature: float,
+        chunk_size: int,
+        entropy: bool,
+        entropy_grad: bool,
+    ) -> None:
+        super().__init__()
+        self.__dict__["head"] = head  # not a submodule: the model's module tree stays as it is
+        self.targets, self.mask = targets, mask.bool()
+        self.temperature, self.chunk_size = temperature, chunk_size
+        self.entropy, self.entropy_grad = entropy, entropy_grad
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        # hidden[:, j] predicts token j+1: the first T of the last T+1 positions predict the T response tokens
+        real = hidden[:, :-1][self.mask]  # (R, H) real response positions only
+        targets = self.targets[self.mask]  # (R,)
+        parts_lp, parts_ent = [], []
+        for start in range(0, real.shape[0], self.chunk_size):  # chunks of tokens, not a loop over sequences
+            args = (self.head, real[start : start + self.chunk_size], targets[start : start + self.chunk_size])
+            args += (self.temperature, self.entropy, self.entropy_grad)
+            if torch.is_grad_enabled():
+                lp, ent = checkpoint(_head_chunk, *args, use_reentrant=False)
+            else:
+                lp, ent = _head_chunk(*args)
+            parts_lp.append(lp)
+            parts_ent.append(ent if self.entropy else lp.new_zeros(lp.shape))
+        n, t = self.mask.shape
+        out = hidden.new_zeros(n, t, 2, dtype=torch.float32)
+        if parts_lp:
+            per_token = torch.stack([torch.cat(parts_lp), torch.cat(parts_ent)], dim=-1)  # (R, 2)
+            out = out.masked_scatter(self.mask[..., None].expand(n, t, 2), per_token)
+        return out
+
+
+def _chunked_head_supported(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    if any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS):
+        return False
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return isinstance(head, nn.Module) and hasattr(model, "set_output_embeddings")
+
+
+_fallback_logged: set[str] = set()
+
+
 def response_logprobs(
     model: nn.Module,
     input_ids: Tensor,
@@ -44,38 +141,64 @@ def response_logprobs(
     with_entropy: bool = False,
     entropy_grad: bool = False,
     output_router_logits: bool = False,
+    chunk_size: int | None = 1024,
 ) -> TokenLogprobs:
     """Log-probs of ``input_ids[:, -T:]`` given everything before them.
 
     Args:
-        model: a causal LM returning ``.logits`` (N, S', V).
+        model: a transformers causal LM.
         input_ids: (N, P+T) prompt and response tokens.
-        attention_mask: (N, P+T) bool or int.
+        attention_mask: (N, P+T) bool or int; its last T columns are the response mask.
         response_width: T.
         temperature: the sampling temperature (logits are divided by it).
         with_entropy: also return the per-token entropy.
-        entropy_grad: keep the entropy in the autograd graph (for an entropy bonus); otherwise it is
-            computed without gradient, which saves a (N, T, V) activation.
+        entropy_grad: keep the entropy in the autograd graph (for an entropy bonus); otherwise it is computed
+            without gradient.
         output_router_logits: ask an MoE model for its router logits.
+        chunk_size: response tokens per chunk of the output projection; None computes the model's own
+            ``(N, T, V)`` logits at once (the reference implementation, and the fallback).
     """
     t = response_width
+    mask = attention_mask[:, -t:].bool() if t else attention_mask[:, :0].bool()
     kwargs = {"output_router_logits": True} if output_router_logits else {}
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask.long(),
-        position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=t + 1,
-        use_cache=False,
-        **kwargs,
-    )
+    chunked = chunk_size is not None and _chunked_head_supported(model)
+    if chunk_size is not None and not chunked and type(model).__name__ not in _fallback_logged:
+        _fallback_logged.add(type(model).__name__)
+        log.warning(
+            "%s: no plain output projection to chunk (or its logits are transformed after it): computing"
+            " full-vocabulary logits instead, which needs O(N x T x V) memory.",
+            type(model).__name__,
+        )
+    head = model.get_output_embeddings() if chunked else None
+    if chunked:
+        targets = input_ids[:, -t:]
+        model.set_output_embeddings(
+            ChunkedLogprobHead(head, targets, mask, temperature, chunk_size, with_entropy, entropy_grad)
+        )
+    try:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask.long(),
+            position_ids=position_ids_from_mask(attention_mask),
+            logits_to_keep=t + 1,
+            use_cache=False,
+            **kwargs,
+        )
+    finally:
+        if chunked:
+            model.set_output_embeddings(head)
+    router = getattr(out, "router_logits", None) if output_router_logits else None
+    aux = getattr(out, "aux_loss", None) if output_router_logits else None
+    if chunked:
+        per_token = out.logits  # (N, T, 2)
+        entropy = per_token[..., 1] if with_entropy else None
+        return TokenLogprobs(logprobs=per_token[..., 0], entropy=entropy, router_logits=router, aux_loss=aux)
     # logits at position j predict token j+1: the last T+1 positions predict the T response tokens (+1 extra)
     logits = out.logits[:, -(t + 1) : -1].float() / temperature  # (N, T, V)
     logp_all = torch.log_softmax(logits, dim=-1)
-    logprobs = logp_all.gather(-1, input_ids[:, -t:, None]).squeeze(-1)
+    logprobs = logp_all.gather(-1, input_ids[:, -t:, None]).squeeze(-1).masked_fill(~mask, 0.0)
     entropy = None
     if with_entropy:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-    router = getattr(out, "router_logits", None) if output_router_logits else None
-    aux = getattr(out, "aux_loss", None) if output_router_logits else None
+            entropy = (-(logp_all.exp() * logp_all).sum(-1)).masked_fill(~mask, 0.0)
     return TokenLogprobs(logprobs=logprobs, entropy=entropy, router_logits=router, aux_loss=aux)

@@ -62,6 +62,7 @@ def no_grad_logprobs(
     temperature: float,
     micro_batch_size: int | None,
     routing: RoutingController | None = None,
+    chunk_size: int | None = 1024,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the batch's responses in eval mode (no dropout), one micro-batch at a time.
 
@@ -75,8 +76,9 @@ def no_grad_logprobs(
         for index in micro_batch_indices(len(batch), micro_batch_size):
             micro = batch.select(index)
             with routing.recording(micro.input_ids) if routing is not None else nullcontext():
+                width = micro.response_mask.shape[1]
                 out = response_logprobs(
-                    model, micro.input_ids, micro.attention_mask, micro.response_mask.shape[1], temperature
+                    model, micro.input_ids, micro.attention_mask, width, temperature, chunk_size=chunk_size
                 )
             parts.append(out.logprobs)
             if routing is not None:
@@ -135,6 +137,7 @@ class PreUpdatePass:
         temperature: the sampling temperature (the log-probs describe the sampled distribution).
         micro_batch_size: sequences per no-grad forward (None: the whole batch).
         record_routing: record pi_old's experts (Routing Replay, or the routing-change metric off-policy).
+        chunk_size: response tokens per chunk of the output projection (``training.logprobs``).
     """
 
     def __init__(
@@ -148,6 +151,7 @@ class PreUpdatePass:
         temperature: float = 1.0,
         micro_batch_size: int | None = None,
         record_routing: bool = False,
+        chunk_size: int | None = 1024,
     ) -> None:
         if old_logprobs == "rollout" and mismatch_correction is not None:
             raise ValueError("old_logprobs='rollout' makes pi_old the engine's: there is no mismatch to correct.")
@@ -158,6 +162,7 @@ class PreUpdatePass:
         self.temperature = temperature
         self.micro_batch_size = micro_batch_size
         self.record_routing = record_routing
+        self.chunk_size = chunk_size
         needs_trainer_old = self.kl is not None or mismatch_correction is not None
         self.source = old_logprob_source(old_logprobs, on_policy, needs_trainer_old)
 
@@ -178,7 +183,7 @@ class PreUpdatePass:
         start = time.perf_counter()
         ref = None
         if reference is not None:
-            ref, _ = no_grad_logprobs(reference, batch, self.temperature, self.micro_batch_size)
+            ref, _ = self._logprobs(reference, batch)
         metrics["time/ref_logprob_s"] = time.perf_counter() - start
         penalised = None
         if self.kl is not None:
@@ -205,11 +210,16 @@ class PreUpdatePass:
         if self.source == "rollout" and batch.rollout_logprobs is None:
             raise ValueError("old_logprobs='rollout' needs an engine that reports log-probs (e.g. VLLMEngine).")
         if self.source == "trainer":
-            return no_grad_logprobs(policy, batch, self.temperature, self.micro_batch_size, routing)
+            return self._logprobs(policy, batch, routing)
         experts = None
         if routing is not None:  # replay or the routing metric need pi_old's experts even without its log-probs
-            _, experts = no_grad_logprobs(policy, batch, self.temperature, self.micro_batch_size, routing)
+            _, experts = self._logprobs(policy, batch, routing)
         return (batch.rollout_logprobs if self.source == "rollout" else None), experts
+
+    def _logprobs(
+        self, model: nn.Module, batch: RolloutBatch, routing: RoutingController | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        return no_grad_logprobs(model, batch, self.temperature, self.micro_batch_size, routing, self.chunk_size)
 
     def _mismatch(self, batch: RolloutBatch, old: Tensor | None) -> tuple[Tensor | None, dict[str, float]]:
         """The engine's log-prob gap to the trainer's pi_old, and the correction's weights when configured."""

@@ -71,6 +71,45 @@ class StrategyAdapter:
             norm = norm.full_tensor()
         return norm.detach().float()
 
+    def check_clipping(self, max_grad_norm: float | None) -> None:
+        """Refuse a DeepSpeed ``gradient_clipping`` that differs from ``model.max_grad_norm``: DeepSpeed clips
+        inside its own step with its config's value, which would silently replace the module's.
+
+        Raises:
+            ValueError: the two disagree (no clipping is ``max_grad_norm: null`` and ``gradient_clipping: 0``).
+        """
+        if not isinstance(self.strategy, DeepSpeedStrategy):
+            return
+        deepspeed = float(self.strategy.config.get("gradient_clipping", 0.0) or 0.0)
+        wanted = float(max_grad_norm or 0.0)
+        if deepspeed != wanted:
+            raise ValueError(
+                f"DeepSpeed clips gradients itself with its config's gradient_clipping={deepspeed}, but"
+                f" model.max_grad_norm={max_grad_norm}: set both to the same value (0 / null for no clipping)."
+            )
+
+    def nonfinite(self, norm: Tensor) -> bool:
+        """Whether the step's gradient norm (from :meth:`clip_gradients`) is NaN or infinite. Under DeepSpeed the
+        norm is only known after its step, which handles overflow itself: never here."""
+        return not isinstance(self.strategy, DeepSpeedStrategy) and not bool(torch.isfinite(norm))
+
+    def weights_finite(self, policy: nn.Module) -> bool:
+        """Whether every weight of the policy, on every rank, is finite (a collective).
+
+        Sharded parameters are checked shard by shard (FSDP2 DTensors locally, ZeRO-3 partitions).
+        """
+        local = []
+        for p in policy.parameters():
+            p = p.ds_tensor if hasattr(p, "ds_tensor") else p.to_local() if hasattr(p, "to_local") else p
+            local.append(torch.isfinite(p.detach()).all())
+        bad = torch.tensor([0.0 if not local or bool(torch.stack(local).all()) else 1.0], dtype=torch.float64)
+        return float(self.reduce(bad, "max")[0]) == 0.0
+
+    def reduce(self, tensor: Tensor, op: str) -> Tensor:
+        """``tensor`` reduced over the data-parallel ranks with ``op`` (``"sum"``, ``"max"``, ``"min"``)."""
+        device = self.trainer.lightning_module.device
+        return self.strategy.reduce(tensor.to(device), reduce_op=op).cpu()
+
     def grad_norm_after_step(self, norm: Tensor) -> Tensor:
         """The gradient norm of the step just taken: ``norm`` from :meth:`clip_gradients`, or DeepSpeed's."""
         if isinstance(self.strategy, DeepSpeedStrategy):

@@ -27,6 +27,7 @@ class PolicyLoss:
         temperature: the sampling temperature (the log-probs describe the sampled distribution).
         entropy_coef: weight of the entropy bonus (0: the entropy is only logged, without gradient).
         router_aux_loss_coef: weight of an MoE model's load-balancing loss (0: off).
+        chunk_size: response tokens per chunk of the output projection (``training.logprobs``).
     """
 
     def __init__(
@@ -35,8 +36,10 @@ class PolicyLoss:
         temperature: float = 1.0,
         entropy_coef: float = 0.0,
         router_aux_loss_coef: float = 0.0,
+        chunk_size: int | None = 1024,
     ) -> None:
         self.objective = objective
+        self.chunk_size = chunk_size
         self.temperature = temperature
         self.entropy_coef = entropy_coef
         self.router_aux_loss_coef = router_aux_loss_coef
@@ -48,6 +51,7 @@ class PolicyLoss:
         counts: LossCounts,
         routing: RoutingController | None = None,
         router_stats: RouterStats | None = None,
+        measure_routing_change: bool = True,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The micro-batch's loss (its share of the mini-batch loss) and its ``policy/*`` / ``moe/*`` metrics.
 
@@ -57,6 +61,8 @@ class PolicyLoss:
             counts: the global denominators of the mini-batch (see ``aggregation``).
             routing: the MoE routing controller; inside its context the routing change is measured.
             router_stats: receives this forward's router logits (MoE models); None for a dense model.
+            measure_routing_change: log ``moe/routing_change_frac`` (the routers' own choice against pi_old's
+                experts); off for the first mini-batch, whose weights are pi_old's, so 0 by construction.
         """
         want_router = router_stats is not None or self.router_aux_loss_coef > 0
         out = response_logprobs(
@@ -68,6 +74,7 @@ class PolicyLoss:
             with_entropy=True,
             entropy_grad=self.entropy_coef > 0,
             output_router_logits=want_router,
+            chunk_size=self.chunk_size,
         )
         # exactly on-policy there is no pi_old pass: pi_old = pi_theta, detached
         old = micro.old_logprobs if micro.old_logprobs is not None else out.logprobs.detach()
@@ -88,7 +95,7 @@ class PolicyLoss:
                 metrics["moe/aux_loss"] = aux.detach().float()
             if router_stats is not None:
                 router_stats.add(out.router_logits, micro.attention_mask)
-        if routing is not None and micro.routing is not None and routing.mode != "off":
-            metrics["moe/routing_change_frac"] = routing_change_frac(micro.routing, routing.recorded(), mask)
+        if measure_routing_change and routing is not None and micro.routing is not None and routing.mode != "off":
+            metrics["moe/routing_change_frac"] = routing_change_frac(micro.routing, routing.chosen(), mask)
         metrics["policy/loss"] = loss.detach().float()
         return loss, metrics

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import make_batch
 
 from gspo_lightning import (
@@ -14,6 +16,7 @@ from gspo_lightning import (
     PPOClip,
     RLOOAdvantage,
 )
+from gspo_lightning.ops import group_stats
 
 
 def test_group_norm_hand_worked():
@@ -107,3 +110,55 @@ def test_contrast_properties():
 def test_contrast_needs_reference_logprobs():
     with pytest.raises(ValueError, match="ref_logprobs"):
         ContrastAdvantage()(make_batch([1, 0], group_size=2))
+
+
+ALL_EQUAL = [(0.1, 8), (0.7, 16), (2.2, 16), (1.1, 3)]
+
+
+@pytest.mark.parametrize(("value", "g"), ALL_EQUAL)
+@pytest.mark.parametrize(
+    "advantage",
+    [
+        GroupNormAdvantage(eps=0.0),
+        GroupNormAdvantage(),
+        GroupNormAdvantage(scale="batch"),
+        GroupMeanAdvantage(),
+        RLOOAdvantage(),
+    ],
+    ids=["norm-eps0", "norm", "norm-batch", "mean", "rloo"],
+)
+def test_all_equal_rewards_get_exactly_zero_advantage(advantage, value, g):
+    # in float32, 8 x 0.1 sums to 1 ulp off 0.8: every member got the same non-zero advantage (0.0074, or ~1 with eps=0)
+    rewards = torch.full((2 * g,), value, dtype=torch.float32).tolist()
+    adv = advantage(make_batch(rewards, group_size=g))
+    assert torch.equal(adv, torch.zeros_like(adv)), adv[:3]
+
+
+@given(
+    value=st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, width=32),
+    g=st.integers(min_value=2, max_value=64),
+)
+@settings(max_examples=200, deadline=None)
+def test_any_all_equal_group_has_zero_spread(value, g):
+    rewards = torch.full((g,), value, dtype=torch.float32)
+    mean, std, _ = group_stats(rewards, torch.zeros(g, dtype=torch.long))
+    assert torch.equal(mean.float(), rewards) and torch.equal(std, torch.zeros_like(std))
+
+
+def _batch_scale_on_rank(rank: int, init_file: str, rewards: list[float], out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    half = len(rewards) // 2
+    mine = rewards[rank * half : (rank + 1) * half]
+    adv = GroupNormAdvantage(scale="batch", eps=0.0)(make_batch(mine, group_size=2))
+    torch.save(adv, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_batch_scale_uses_the_std_of_every_rank(tmp_path):
+    # rank 0's rewards spread little, rank 1's a lot: rank-local stds would scale the two halves differently
+    rewards = [0.0, 0.1, 0.2, 0.3, 0.0, 4.0, 1.0, 9.0]
+    whole = GroupNormAdvantage(scale="batch", eps=0.0)(make_batch(rewards, group_size=2))
+    out = str(tmp_path / "adv")
+    torch.multiprocessing.spawn(_batch_scale_on_rank, args=(str(tmp_path / "init"), rewards, out), nprocs=2)
+    split = torch.cat([torch.load(f"{out}.0"), torch.load(f"{out}.1")])
+    torch.testing.assert_close(split, whole)

@@ -2,9 +2,10 @@
 
 import math
 
+import pytest
 import torch
 
-from gspo_lightning import K1KL, K2KL, K3KL
+from gspo_lightning import K1KL, K2KL, K3KL, PolicyObjective, PPOClip, TokenRatio
 
 
 def test_values():
@@ -30,3 +31,18 @@ def test_k3_is_finite_for_extreme_gaps():
     out = K3KL()(lp, ref)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(lp.grad).all()
+
+
+def test_k3_is_clamped_at_its_output():
+    # ref - lp = 29: exp(20) - 20 - 1 = 4.85e8 with the input clamp alone; the output clamp caps it at 10
+    lp, ref = torch.tensor([[-30.0, -1.0]], requires_grad=True), torch.tensor([[-1.0, -1.0]])
+    kl = K3KL()(lp, ref)
+    assert kl[0, 0].item() == 10.0 and kl[0, 1].item() == 0.0
+    assert K3KL(max_value=None)(lp, ref)[0, 0].item() == pytest.approx(math.exp(20) - 21, rel=1e-6)
+    kl.sum().backward()
+    assert lp.grad[0, 0].item() == 0.0  # beyond the clamp a single token no longer drives the gradient
+
+
+def test_k1_in_the_loss_warns_that_its_gradient_is_zero_in_expectation():
+    with pytest.warns(UserWarning, match="zero expected gradient"):
+        PolicyObjective(TokenRatio(), PPOClip(0.2, 0.2), kl=K1KL(), kl_coef=0.1)

@@ -176,3 +176,69 @@ def test_answer_to_str():
 
 def test_registered():
     assert PROMPT_SOURCES.get("FilePrompts") is FilePrompts
+
+
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("bad_line", [1, 3, 12])
+def test_malformed_jsonl_line_is_named_by_file_and_line(tmp_path, bad_line):
+    lines = [json.dumps(r) for r in ROWS + ROWS[:4]]
+    lines[bad_line - 1] = '{"prompt": "p", "answer": '  # cut short
+    path = tmp_path / "broken.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as err:
+        _source(str(path), tmp_path).train()
+    msg = _one_line(err)
+    assert str(path) in msg and f"line {bad_line} " in msg and "not valid JSON" in msg, msg
+
+
+def test_jsonl_line_that_is_not_an_object(tmp_path):
+    path = tmp_path / "list.jsonl"
+    path.write_text('{"prompt": "a", "answer": "1"}\n["b", "2"]\n')
+    with pytest.raises(ValueError) as err:
+        _source(str(path), tmp_path).train()
+    msg = _one_line(err)
+    assert str(path) in msg and "line 2 " in msg and "list" in msg and "JSON object" in msg, msg
+
+
+def test_malformed_json_array_file_names_line_and_column(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[{"prompt": "a", "answer": "1"},\n {"prompt": "b" "answer": "2"}]\n')
+    with pytest.raises(ValueError) as err:
+        _source(str(path), tmp_path).train()
+    msg = _one_line(err)
+    assert str(path) in msg and "line 2, column 17" in msg and "not valid JSON" in msg, msg
+
+
+LATIN1_ROWS = "prompt,answer\nWhat is 1+1?,2\nCaf\u00e9 au lait?,yes\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "offset", "line"),
+    [
+        ("latin.csv", LATIN1_ROWS, LATIN1_ROWS.index("\u00e9"), 3),
+        ("latin.jsonl", '{"prompt": "ok", "answer": "1"}\n{"prompt": "na\u00efve", "answer": "2"}\n', 46, 2),
+        ("latin.json", '[{"prompt": "caf\u00e9", "answer": "1"}]', 16, 1),
+    ],
+)
+def test_non_utf8_file_names_byte_line_and_fix(tmp_path, name, text, offset, line):
+    path = tmp_path / name
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError) as err:
+        _source(str(path), tmp_path).train()
+    msg = _one_line(err)
+    assert not isinstance(err.value, UnicodeDecodeError)
+    assert str(path) in msg and "not valid UTF-8" in msg, msg
+    assert f"byte {offset} (line {line})" in msg and "save it as UTF-8" in msg, msg
+
+
+def test_non_utf8_held_out_file_is_named(tmp_path):
+    train = _jsonl(tmp_path / "train.jsonl", ROWS)
+    val = tmp_path / "val.jsonl"
+    val.write_bytes('{"prompt": "\u00e9", "answer": "1"}\n'.encode("cp1252"))
+    with pytest.raises(ValueError, match=r"val\.jsonl.*not valid UTF-8.*byte 12 \(line 1\)"):
+        _source(train, tmp_path, val_path=str(val)).train()

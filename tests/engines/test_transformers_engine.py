@@ -1,5 +1,6 @@
 """TransformersEngine: EOS masks, group layout, padding, greedy decoding, train/eval mode."""
 
+import pytest
 import torch
 
 from gspo_lightning.engines import SamplingConfig, TransformersEngine
@@ -48,3 +49,24 @@ def test_greedy_is_deterministic(tiny_model, tiny_tokenizer):
     a = engine.generate(prompts, 1, greedy=True).response_ids
     b = engine.generate(prompts, 1, greedy=True).response_ids
     assert torch.equal(a, b)
+
+
+def test_the_checkpoint_generation_config_does_not_shape_rollouts(tiny_model, tiny_tokenizer):
+    prompts = [tiny_tokenizer("12+34=")["input_ids"], tiny_tokenizer("7+8=")["input_ids"]]
+    engine = _engine(tiny_model, tiny_tokenizer)
+    torch.manual_seed(0)
+    clean = engine.generate(prompts, num_samples=4).response_ids
+    # a checkpoint whose generation_config.json suppresses every token but "1" and penalises repeats
+    keep = tiny_tokenizer.convert_tokens_to_ids("1")
+    tiny_model.generation_config.suppress_tokens = [i for i in range(tiny_model.config.vocab_size) if i != keep]
+    tiny_model.generation_config.repetition_penalty = 5.0
+    torch.manual_seed(0)
+    shaped = engine.generate(prompts, num_samples=4).response_ids
+    assert torch.equal(shaped, clean)
+    assert tiny_model.generation_config.repetition_penalty == 5.0, "the model's own config is left as it was"
+
+
+def test_truncated_sampling_is_refused_for_training_rollouts(tiny_tokenizer):
+    for sampling in (SamplingConfig(top_p=0.9), SamplingConfig(top_k=20)):
+        with pytest.raises(ValueError, match="top_p: 1.0 and top_k: 0"):
+            TransformersEngine().configure(sampling, tiny_tokenizer)

@@ -2,18 +2,16 @@
 
 import pytest
 import torch
+from support import built_module, prepared
 
 from gspo_lightning import TokenRatio
 from gspo_lightning.components.aggregation import LossCounts
-from gspo_lightning.module import GSPOModule
 from gspo_lightning.moe import RoutingController, find_routers, routing_change_frac
 from gspo_lightning.training.logprobs import response_logprobs
 
 
 def _module(tiny_path, **kwargs):
-    module = GSPOModule(model=tiny_path, ratio=TokenRatio(), **kwargs)
-    module.configure_model()
-    return module
+    return built_module(tiny_path, ratio=TokenRatio(), **kwargs)
 
 
 def _perturb(model, scale=0.5):
@@ -21,10 +19,6 @@ def _perturb(model, scale=0.5):
     with torch.no_grad():
         for router in find_routers(model):
             router.weight.add_(scale * torch.randn_like(router.weight))
-
-
-def _prepare(module, batch):
-    return module.pre_update(batch, module.policy, module.reference, module.routing).apply(batch)
 
 
 def _step(module, batch):
@@ -37,20 +31,22 @@ def _step(module, batch):
 
 def test_replay_routes_exactly_as_recorded(tiny_path, rollout):
     module = _module(tiny_path, routing_replay=True, mini_batches=2)
-    batch = _prepare(module, rollout)
+    batch = prepared(module, rollout)
     assert batch.routing is not None and batch.routing.shape[:3] == (16, 2, batch.input_ids.shape[1])
     _perturb(module.policy)  # an update that reshuffles the experts
     batch.advantages = torch.linspace(-1, 1, len(batch))  # the untrained model earns no reward
     metrics = _step(module, batch)
-    assert metrics["moe/routing_change_frac"].item() == 0.0
     assert torch.equal(module.routing.recorded(), batch.routing)
+    # the routers' own choice is still measured under replay: the reshuffle stays visible
+    assert metrics["moe/routing_change_frac"].item() > 0.0
+    assert not torch.equal(module.routing.chosen(), batch.routing)
     routers = find_routers(module.policy)
     assert all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0 for r in routers), "routers still learn"
 
 
 def test_without_replay_the_change_fraction_is_positive(tiny_path, rollout):
     module = _module(tiny_path, routing_replay=False, mini_batches=2)
-    batch = _prepare(module, rollout)
+    batch = prepared(module, rollout)
     _perturb(module.policy)
     metrics = _step(module, batch)
     assert 0.0 < metrics["moe/routing_change_frac"].item() <= 1.0
@@ -62,7 +58,7 @@ def _logprobs(model, batch):
 
 def test_replay_changes_the_log_probs_after_a_reshuffle(tiny_path, rollout):
     module = _module(tiny_path, routing_replay=True, mini_batches=2)
-    batch = _prepare(module, rollout)
+    batch = prepared(module, rollout)
     _perturb(module.policy)
     with torch.no_grad():
         with module.routing.replaying(batch.input_ids, batch.routing):
@@ -74,19 +70,37 @@ def test_replay_changes_the_log_probs_after_a_reshuffle(tiny_path, rollout):
 
 def test_on_policy_ratios_are_exactly_one_with_replay(tiny_path, rollout):
     module = _module(tiny_path, routing_replay=True, mini_batches=1)
-    batch = _prepare(module, rollout)
+    batch = prepared(module, rollout)
     assert batch.old_logprobs is None and batch.routing is not None
     metrics = _step(module, batch)
     assert metrics["policy/ratio_min"].item() == 1.0 and metrics["policy/ratio_max"].item() == 1.0
     assert metrics["moe/routing_change_frac"].item() == 0.0
 
 
-def test_change_fraction_counts_expert_sets_on_response_tokens():
-    # 1 sequence, 1 layer, prompt width 1 + 2 response tokens, k = 2
+def test_change_fraction_reads_the_positions_that_compute_each_response_log_prob():
+    # 1 sequence, 1 layer, prompt width 1 + 2 response tokens, k = 2. Response token j's log-prob comes from
+    # the logits at position P-1+j: positions 0 (last prompt position) and 1 count, position 2 does not.
     old = torch.tensor([[[[0, 1], [2, 3], [4, 5]]]])
-    new = torch.tensor([[[[7, 7], [3, 2], [4, 6]]]])  # prompt changed (ignored), same set, changed
+    new = torch.tensor([[[[7, 7], [3, 2], [4, 6]]]])  # changed, same set, changed (after the last log-prob)
     assert routing_change_frac(old, new, torch.tensor([[True, True]])).item() == 0.5
-    assert routing_change_frac(old, new, torch.tensor([[True, False]])).item() == 0.0
+    assert routing_change_frac(old, new, torch.tensor([[True, False]])).item() == 1.0
+    assert routing_change_frac(old, old, torch.tensor([[True, True]])).item() == 0.0
+
+
+def test_a_changed_last_prompt_position_moves_the_first_log_prob_and_the_metric(tiny_path, rollout):
+    module = _module(tiny_path, routing_replay=True, mini_batches=2)
+    batch = prepared(module, rollout)
+    p = batch.prompt_width
+    moved = batch.routing.clone()
+    moved[:, :, p - 1] = (moved[:, :, p - 1].long() + 1) % module.moe.num_experts  # other experts there only
+    with torch.no_grad():
+        with module.routing.replaying(batch.input_ids, batch.routing):
+            before = _logprobs(module.policy, batch)
+        with module.routing.replaying(batch.input_ids, moved):
+            after = _logprobs(module.policy, batch)
+    first = batch.response_mask[:, 0]
+    assert not torch.allclose(before[first, 0], after[first, 0])  # response token 0 depends on position P-1
+    assert routing_change_frac(batch.routing, moved, batch.response_mask).item() > 0
 
 
 def test_dense_models_are_refused(tiny_path):

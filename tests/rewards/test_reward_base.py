@@ -1,5 +1,7 @@
 """The Reward interface: per-sample loop, validation, error messages, and the weighted combination."""
 
+import re
+
 import pytest
 import torch
 from reward_inputs import make_inputs
@@ -171,3 +173,42 @@ def test_weighted_reward_is_a_reward():
         WeightedReward([LengthReward()], weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="No rewards given"):
         WeightedReward([])
+
+
+@pytest.mark.parametrize(
+    ("scores", "bad"),
+    [
+        ([1.0, None, 0.0], "a NoneType \\(None\\)"),
+        ([1.0, 0.0, "0.5"], "a str \\('0.5'\\)"),
+        ([None, "x", 1], "a NoneType \\(None\\)"),
+    ],
+)
+def test_batched_none_or_string_score_names_the_element(scores, bad):
+    index = next(i for i, s in enumerate(scores) if not isinstance(s, (int, float)))
+    with pytest.raises(RewardError) as info:
+        Returns(scores, name="judge")(make_inputs(["a", "b", "c"]))
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert re.search(f"'judge' returned {bad} for sample {index} ", msg), msg
+    assert "return 3 numbers" in msg  # what to return instead
+
+
+@pytest.mark.parametrize(("value", "bad"), [(None, "a NoneType \\(None\\)"), ("1", "a str \\('1'\\)")])
+def test_per_sample_none_or_string_score_is_refused(value, bad):
+    class Sometimes(Reward):
+        """Returns ``value`` for completions containing 'odd'."""
+
+        def score_sample(self, prompt, completion, answer):
+            return value if "odd" in completion else 1.0
+
+    with pytest.raises(RewardError) as info:
+        Sometimes()(make_inputs(["fine", "odd one"]))
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert re.search(f"'Sometimes' returned {bad} for sample 1 \\(completion 'odd one'\\)", msg), msg
+    assert "must return a float" in msg
+
+
+def test_none_instead_of_a_list_says_what_to_return():
+    with pytest.raises(RewardError, match=r"'Returns' returned NoneType \(None\), not 2 scores; return 2 numbers"):
+        Returns(None)(make_inputs(["a", "b"]))

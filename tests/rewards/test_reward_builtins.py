@@ -102,8 +102,26 @@ def test_function_reward_errors():
         FunctionReward("not_imported.fn")
     with pytest.raises(RewardError, match="'short' returned shape \\(1,\\) .*expected \\(2,\\)"):
         FunctionReward(lambda p, c, a: [1.0], name="short")(make_inputs(["a", "b"]))
-    with pytest.raises(RewardError, match="'bad' failed: TypeError: fn returned int"):
+    with pytest.raises(RewardError, match=r"'bad' returned int \(3\), not 1 scores; return 1 numbers"):
         FunctionReward(lambda p, c, a: 3, name="bad")(make_inputs(["a"]))
+
+
+def judge(prompts, completions, answers):
+    """A user's function that forgets a case (None) and one that returns the model's text ("0.5")."""
+    return [None if c == "skip" else ("0.5" if c == "text" else 1.0) for c in completions]
+
+
+@pytest.mark.parametrize(
+    ("completions", "index", "bad"), [(["a", "skip"], 1, "NoneType (None)"), (["text"], 0, "str ('0.5')")]
+)
+def test_function_reward_none_or_string_names_reward_element_and_fix(completions, index, bad):
+    with pytest.raises(RewardError) as info:
+        FunctionReward(judge)(make_inputs(completions))
+    msg = str(info.value)
+    n = len(completions)
+    assert "\n" not in msg and "fn returned list" not in msg
+    assert f"Reward 'judge' returned a {bad} for sample {index} " in msg, msg
+    assert f"return {n} numbers (a list of floats or a ({n},) tensor)" in msg, msg
 
 
 def _batch_score(prompts, completions, answers):

@@ -1,5 +1,6 @@
 """The trainer's log-probs agree with the engine's greedy choices, with left padding and with temperature."""
 
+import pytest
 import torch
 
 from gspo_lightning.engines import SamplingConfig, TransformersEngine
@@ -43,3 +44,78 @@ def test_left_padding_and_temperature(tiny_model, tiny_tokenizer):
         hot = response_logprobs(tiny_model, ids, attn, 2, temperature=2.0).logprobs
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(a, hot)
+
+
+def _dense(tied: bool):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, tie_word_embeddings=tied,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(config)
+
+
+def _padded_batch(vocab: int):
+    torch.manual_seed(1)
+    ids = torch.randint(1, vocab, (3, 9))
+    attn = torch.ones(3, 9, dtype=torch.bool)
+    attn[0, :2] = False  # left-padded prompt
+    attn[1, -2:] = False  # right-padded response
+    attn[2, -4:] = False
+    return ids, attn
+
+
+@pytest.mark.parametrize("model_kind", ["moe", "dense-tied", "dense-untied"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 1000])
+def test_chunked_head_equals_full_logits_in_values_and_gradients(tiny_model, model_kind, chunk_size):
+    model = {"moe": lambda: tiny_model, "dense-tied": lambda: _dense(True), "dense-untied": lambda: _dense(False)}
+    model = model[model_kind]().train()
+    ids, attn = _padded_batch(model.config.vocab_size)
+    results = []
+    for size in (None, chunk_size):
+        model.zero_grad()
+        out = response_logprobs(
+            model, ids, attn, 5, temperature=0.7, with_entropy=True, entropy_grad=True, chunk_size=size,
+            output_router_logits=model_kind == "moe",
+        )  # fmt: skip
+        (out.logprobs.sum() + 0.1 * out.entropy.sum()).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((out.logprobs, out.entropy, grads, out.aux_loss))
+    (lp_full, ent_full, g_full, aux_full), (lp, ent, g, aux) = results
+    torch.testing.assert_close(lp, lp_full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ent, ent_full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, g_full, rtol=1e-4, atol=1e-6)
+    assert (lp[~attn[:, -5:]] == 0).all() and (ent[~attn[:, -5:]] == 0).all()
+    if model_kind == "moe":
+        torch.testing.assert_close(aux, aux_full)
+    assert "lm_head.weight" in dict(model.named_parameters()) or model_kind != "dense-untied"  # restored
+
+
+def test_the_head_never_sees_more_than_a_chunk_of_tokens(tiny_model):
+    ids, attn = _padded_batch(tiny_model.config.vocab_size)
+    rows = []
+    head = tiny_model.get_output_embeddings()
+    hook = head.register_forward_hook(
+        lambda module, inputs, output: rows.append(output.reshape(-1, output.shape[-1]).shape[0])
+    )
+    out = response_logprobs(tiny_model, ids, attn, 5, with_entropy=True, chunk_size=4)
+    out.logprobs.sum().backward()  # the recomputation in backward is chunked too
+    hook.remove()
+    assert rows and max(rows) <= 4
+    assert sum(rows) == 2 * int(attn[:, -5:].sum())  # real response tokens only, forward and backward
+    assert tiny_model.get_output_embeddings() is head  # the model is left as it was
+
+
+def test_models_with_transformed_logits_fall_back_to_their_own_logits(caplog):
+    model = _dense(False)
+    model.config.final_logit_softcapping = 30.0  # the chunked head would skip the soft-capping
+    ids, attn = _padded_batch(model.config.vocab_size)
+    rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(o.shape))
+    with caplog.at_level("WARNING"):
+        response_logprobs(model, ids, attn, 5, chunk_size=2)
+    hook.remove()
+    assert rows == [torch.Size([3, 6, 50])]  # one call over the whole (N, T+1) block: the model's own logits
+    assert "computing full-vocabulary logits instead" in caplog.text

@@ -4,21 +4,11 @@ import math
 
 import pytest
 import torch
+from support import built_module, prepared
 
 from gspo_lightning import K1KL
 from gspo_lightning.components.mismatch import MismatchCorrection
-from gspo_lightning.module import GSPOModule
 from gspo_lightning.training.pre_update import no_grad_logprobs, old_logprob_source
-
-
-def _module(tiny_path, **kwargs):
-    module = GSPOModule(model=tiny_path, **kwargs)
-    module.configure_model()
-    return module
-
-
-def _prepare(module, batch):
-    return module.pre_update(batch, module.policy, module.reference, module.routing).apply(batch)
 
 
 def _count_forwards(model):
@@ -42,18 +32,18 @@ def test_every_old_logprob_mode_resolves_to_a_named_source(mode, on_policy, need
 
 
 def test_on_policy_skips_the_old_logprob_pass(tiny_path, rollout):
-    module = _module(tiny_path, mini_batches=1, epochs=1)
+    module = built_module(tiny_path, mini_batches=1, epochs=1)
     calls = _count_forwards(module.policy)
-    batch = _prepare(module, rollout)
+    batch = prepared(module, rollout)
     assert batch.old_logprobs is None and batch.ref_logprobs is None and module.reference is None
     assert batch.advantages.shape == (16,) and not calls
 
 
 @pytest.mark.parametrize("micro_batch_size", [None, 3])
 def test_off_policy_computes_old_logprobs_once(tiny_path, rollout, micro_batch_size):
-    module = _module(tiny_path, mini_batches=2, micro_batch_size=micro_batch_size, track_routing_change=False)
+    module = built_module(tiny_path, mini_batches=2, micro_batch_size=micro_batch_size, track_routing_change=False)
     calls = _count_forwards(module.policy)
-    batch = _prepare(module, rollout)
+    batch = prepared(module, rollout)
     # one no-grad forward per micro-batch of the whole rollout batch, once, whatever the number of mini-batches
     assert len(calls) == math.ceil(16 / (micro_batch_size or 16))
     assert batch.old_logprobs.shape == batch.response_mask.shape
@@ -62,20 +52,20 @@ def test_off_policy_computes_old_logprobs_once(tiny_path, rollout, micro_batch_s
 
 
 def test_the_pass_returns_results_and_leaves_its_input_alone(tiny_path, rollout):
-    module = _module(tiny_path, mini_batches=2)
+    module = built_module(tiny_path, mini_batches=2)
     result = module.pre_update(rollout, module.policy, module.reference, module.routing)
     assert rollout.old_logprobs is None and rollout.advantages is None and rollout.routing is None
     assert result.old_logprobs is not None and result.routing is not None and "time/old_logprob_s" in result.metrics
 
 
 def test_kl_in_reward_keeps_raw_and_penalised_rewards_apart(tiny_path, rollout):
-    module = _module(tiny_path, kl_coef=0.5, kl=K1KL(), kl_in_reward=True)
+    module = built_module(tiny_path, kl_coef=0.5, kl=K1KL(), kl_in_reward=True)
     # perturb the policy so pi_old != pi_ref
     with torch.no_grad():
         for p in module.policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
     raw = rollout.rewards.clone()
-    batch = _prepare(module, rollout)
+    batch = prepared(module, rollout)
     assert torch.equal(batch.rewards, raw), "the scored rewards stay as the rewards gave them"
     assert not torch.allclose(batch.penalised_rewards, raw)
     assert torch.equal(batch.advantage_rewards, batch.penalised_rewards)
@@ -90,23 +80,25 @@ def _with_engine_logprobs(module, batch, shift: float):
 
 
 def test_rollout_logprobs_can_stand_in_for_pi_old(tiny_path, rollout):
-    module = _module(tiny_path, mini_batches=2, old_logprobs="rollout")
+    module = built_module(tiny_path, mini_batches=2, old_logprobs="rollout")
     engine_lp = _with_engine_logprobs(module, rollout, 0.1)
-    batch = _prepare(module, rollout)
+    batch = prepared(module, rollout)
     torch.testing.assert_close(batch.old_logprobs, engine_lp - 0.1)
     with pytest.raises(ValueError, match="reports log-probs"):
         rollout.rollout_logprobs = None
-        _prepare(module, rollout)
+        prepared(module, rollout)
 
 
 def test_mismatch_is_logged_and_corrected(tiny_path, rollout):
-    plain = _module(tiny_path, mini_batches=2)
+    plain = built_module(tiny_path, mini_batches=2)
     _with_engine_logprobs(plain, rollout, 0.5)
-    batch = _prepare(plain, rollout)
+    batch = prepared(plain, rollout)
     assert batch.metrics["sampling/logprob_diff_mean"] == pytest.approx(0.5, abs=1e-4)
     assert batch.is_weights is None
-    corrected = _module(tiny_path, mini_batches=2, mismatch_correction=MismatchCorrection("token", "truncate", 1.2))
-    batch = _prepare(corrected, rollout)
+    corrected = built_module(
+        tiny_path, mini_batches=2, mismatch_correction=MismatchCorrection("token", "truncate", 1.2)
+    )
+    batch = prepared(corrected, rollout)
     # weight exp(old - rollout) = exp(0.5) = 1.65, truncated at 1.2 on every real token
     real = batch.is_weights[batch.response_mask]
     torch.testing.assert_close(real, torch.full_like(real, 1.2))

@@ -2,21 +2,11 @@
 
 import pytest
 import torch
+from support import built_module, prepared
 
 from gspo_lightning import LossCounts
 from gspo_lightning.components.mismatch import MismatchCorrection
-from gspo_lightning.module import GSPOModule
 from gspo_lightning.training.splits import micro_batch_indices
-
-
-def _module(tiny_path, **kwargs):
-    module = GSPOModule(model=tiny_path, **kwargs)
-    module.configure_model()
-    return module
-
-
-def _prepare(module, batch):
-    return module.pre_update(batch, module.policy, module.reference, module.routing).apply(batch)
 
 
 def _grads(module, batch):
@@ -33,12 +23,12 @@ def _grads(module, batch):
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_micro_batches_give_the_whole_batch_gradient(tiny_path, rollout, aggregation):
     options = dict(mini_batches=2, aggregation=aggregation, max_new_tokens=8, entropy_coef=0.01)
-    whole = _module(tiny_path, **options)
-    batch = _prepare(whole, rollout)
+    whole = built_module(tiny_path, **options)
+    batch = prepared(whole, rollout)
     # make the advantages non-trivial even if all rewards happened to be equal
     batch.advantages = torch.linspace(-1, 1, len(batch))
     g_whole = _grads(whole, batch)
-    micro = _module(tiny_path, **options, micro_batch_size=3)
+    micro = built_module(tiny_path, **options, micro_batch_size=3)
     micro.policy.load_state_dict(whole.policy.state_dict())
     g_micro = _grads(micro, batch)
     torch.testing.assert_close(g_micro, g_whole, rtol=1e-4, atol=1e-6)
@@ -46,10 +36,10 @@ def test_micro_batches_give_the_whole_batch_gradient(tiny_path, rollout, aggrega
 
 
 def test_mismatch_weights_scale_the_token_losses(tiny_path, rollout):
-    module = _module(tiny_path, mini_batches=2, mismatch_correction=MismatchCorrection("token", "truncate", 1.2))
+    module = built_module(tiny_path, mini_batches=2, mismatch_correction=MismatchCorrection("token", "truncate", 1.2))
     lp = module.pre_update(rollout, module.policy).old_logprobs
     rollout.rollout_logprobs = lp - 0.5  # every weight exp(0.5) = 1.65, truncated at 1.2
-    batch = _prepare(module, rollout)
+    batch = prepared(module, rollout)
     batch.advantages = torch.linspace(-1, 1, len(batch))
     counts = LossCounts.from_mask(batch.response_mask)
     weighted, _ = module.policy_loss(module.policy, batch, counts)

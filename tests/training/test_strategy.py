@@ -1,0 +1,46 @@
+"""The strategy adapter's own checks (strategies that need a GPU are built, not run)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from support import scalars, tiny_args
+
+from gspo_lightning.cli import cli_main
+from gspo_lightning.training.strategy import StrategyAdapter
+
+
+def _adapter(strategy):
+    return StrategyAdapter(SimpleNamespace(strategy=strategy))
+
+
+def test_deepspeed_clipping_must_agree_with_max_grad_norm():
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed: pip install -e '.[dev]' brings it")
+    adapter = _adapter(DeepSpeedStrategy(config={"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5}))
+    with pytest.raises(ValueError, match=r"gradient_clipping=0.5, but model.max_grad_norm=1.0"):
+        adapter.check_clipping(1.0)
+    adapter.check_clipping(0.5)
+    _adapter(DeepSpeedStrategy(config={"zero_optimization": {"stage": 2}})).check_clipping(None)
+
+
+def test_other_strategies_clip_with_max_grad_norm():
+    _adapter(DDPStrategy()).check_clipping(1.0)
+
+
+def _grad_norms(root, *extra):
+    odd_digits = '[{"class_path": "RegexFormatReward", "init_args": {"pattern": "[13579]"}}]'  # non-zero advantages
+    cli = cli_main(["fit", *tiny_args(root, "--data.rewards", odd_digits, "--model.max_grad_norm", "0.01", *extra)])
+    return [e.value for e in scalars(root / "lightning_logs" / "version_0")["policy/grad_norm"]], cli.model.policy
+
+
+def test_clipping_sees_unscaled_gradients_under_loss_scaling(tmp_path):
+    # 16-mixed scales the loss and unscales inside the optimizer step: clipping before the step (the old place)
+    # clipped the scaled gradients, so training nearly stopped and the scaled norm was logged
+    torch.manual_seed(0)
+    plain, plain_policy = _grad_norms(tmp_path / "plain")
+    torch.manual_seed(0)
+    scaled, scaled_policy = _grad_norms(tmp_path / "scaled", "--trainer.plugins", "support.FakeScaler")
+    assert plain and scaled == pytest.approx(plain, rel=1e-4)
+    for a, b in zip(plain_policy.parameters(), scaled_policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
