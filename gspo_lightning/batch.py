@@ -115,6 +115,30 @@ class RolloutBatch:
         idx_list = idx.tolist()
         return self._map(lambda t: t[idx.to(t.device)], lambda seq: [seq[i] for i in idx_list])
 
+    def trimmed(self) -> RolloutBatch:
+        """A copy without the padding columns every sequence shares: leading prompt columns that are padding in
+        every row and trailing response columns past every response. Values are unchanged (positions come from
+        the attention mask), but a micro-batch of short sequences no longer computes at the batch's widths."""
+        p, t = self.prompt_width, self.response_mask.shape[1]
+        real_prompt = self.attention_mask[:, :p].any(0)
+        start = int(real_prompt.int().argmax()) if bool(real_prompt.any()) else p
+        real_response = self.response_mask.any(0)
+        width = t - int(real_response.flip(0).int().argmax()) if bool(real_response.any()) else 1
+        if start == 0 and width == t:
+            return self
+        seq_fields = {"input_ids", "attention_mask"}  # (N, P+T): and routing (N, L, P+T, k) on dim 2
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in seq_fields:
+                value = value[:, start : p + width]
+            elif f.name == "routing" and value is not None:
+                value = value[:, :, start : p + width]
+            elif isinstance(value, Tensor) and value.dim() >= 2 and value.shape[1] == t and f.name != "routing":
+                value = value[:, :width]  # (N, T) response-aligned tensors
+            values[f.name] = value
+        return RolloutBatch(**values)
+
     def _map(self, fn_tensor, fn_list=None) -> RolloutBatch:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(self):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -35,9 +34,15 @@ from gspo_lightning.sharding import shard_fsdp2
 from gspo_lightning.training.guard import NonFiniteGuard
 from gspo_lightning.training.metrics import MetricAccumulator, response_counts, step_metrics
 from gspo_lightning.training.optim import build_optimizers
-from gspo_lightning.training.policy import check_options, load_policy, load_reference, routing_controller
+from gspo_lightning.training.policy import (
+    CHECKED_OPTIONS,
+    check_options,
+    load_policy,
+    load_reference,
+    routing_controller,
+)
 from gspo_lightning.training.pre_update import OldLogprobs, PreUpdatePass, is_on_policy
-from gspo_lightning.training.splits import micro_batch_indices, mini_batch_indices
+from gspo_lightning.training.splits import micro_batches, mini_batch_indices
 from gspo_lightning.training.strategy import StrategyAdapter
 from gspo_lightning.training.update import PolicyLoss
 
@@ -69,6 +74,8 @@ class GSPOModule(pl.LightningModule):
         aggregation: how per-token losses become a scalar.
         mini_batches / epochs: optimizer steps per rollout batch and epoch; passes over each rollout batch.
         micro_batch_size: sequences per forward/backward (gradient accumulation); None = whole mini-batch.
+        micro_batch_tokens: instead, pack length-sorted sequences into micro-batches of at most this many real
+            tokens, each trimmed to its own widths (less padding when lengths vary).
         logprob_chunk_size: response tokens per chunk of the output projection (O(chunk x V) memory); None: all.
         entropy_coef / router_aux_loss_coef: weights of the entropy bonus and of an MoE load-balancing loss.
         temperature / max_new_tokens: the sampling temperature and generation limit (T_max), linked from data.
@@ -101,6 +108,7 @@ class GSPOModule(pl.LightningModule):
         mini_batches: int = 4,
         epochs: int = 1,
         micro_batch_size: int | None = None,
+        micro_batch_tokens: int | None = None,
         logprob_chunk_size: int | None = 1024,
         entropy_coef: float = 0.0,
         router_aux_loss_coef: float = 0.0,
@@ -122,7 +130,7 @@ class GSPOModule(pl.LightningModule):
         self.save_hyperparameters(
             ignore=["ratio", "advantage", "clip", "kl", "optimizer", "lr_scheduler", "mismatch_correction"]
         )
-        check_options(mini_batches, epochs, micro_batch_size, kl_coef, max_grad_norm, aggregation, max_new_tokens)
+        check_options(**{k: self.hparams[k] for k in CHECKED_OPTIONS})
         kl = K3KL() if kl is None and kl_coef > 0 else kl
         self.automatic_optimization = False
         self.advantage = advantage or GroupNormAdvantage()
@@ -137,6 +145,7 @@ class GSPOModule(pl.LightningModule):
         self.pre_update = PreUpdatePass(
             self.advantage, old_logprobs, on_policy, *reward_kl, mismatch_correction, temperature, micro_batch_size,
             record_routing=routing_replay or not on_policy, chunk_size=logprob_chunk_size,
+            micro_batch_tokens=micro_batch_tokens,
         )  # fmt: skip
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.policy: torch.nn.Module | None = None
@@ -194,7 +203,7 @@ class GSPOModule(pl.LightningModule):
         batch, _, _ = next(dataloader_iter)
         start = time.perf_counter()
         batch = batch.to(self.device)
-        batch = self.pre_update(batch, self.policy, self.reference, self.routing).apply(batch)
+        batch = self.pre_update(batch, self.policy, self.reference, self.routing, self._agree).apply(batch)
         hp, adapter = self.hparams, self.strategy_adapter
         metrics, stats = MetricAccumulator(), RouterStats(self.moe.top_k) if self.moe is not None else None
         generator = torch.Generator().manual_seed(int(self.global_step))
@@ -223,11 +232,10 @@ class GSPOModule(pl.LightningModule):
         adapter, optimizer, scheduler = self.strategy_adapter, self.optimizers(), self.lr_schedulers()
         counts = adapter.global_counts(mini.response_mask)
         optimizer.zero_grad(set_to_none=True)
-        micro = micro_batch_indices(len(mini), self.hparams.micro_batch_size)
-        for j, index in enumerate(micro):
-            part = mini.select(index)
+        micro = micro_batches(mini, self.hparams.micro_batch_size, self.hparams.micro_batch_tokens, self._agree)
+        for j, (_, part) in enumerate(micro):
             # the routing context spans backward too: gradient checkpointing re-runs the routers
-            with adapter.backward_sync(last=j == len(micro) - 1), self.routing_context(part):
+            with adapter.backward_sync(j == len(micro) - 1, self.policy), self.routing_context(part):
                 loss, part_metrics = self.policy_loss(self.policy, part, counts, self.routing, stats, measure_routing)
                 self.manual_backward(loss * adapter.loss_scale)
             metrics.add_micro_batch(part_metrics, *response_counts(part.response_mask))
@@ -236,6 +244,12 @@ class GSPOModule(pl.LightningModule):
         if scheduler is not None:
             scheduler.step()
         return self._skip_step
+
+    @property
+    def _agree(self):
+        """Token-budget micro-batch counts differ between ranks: agree on the largest (forwards may be collectives)."""
+        tokens_split = self.hparams.micro_batch_tokens is not None and self.trainer.world_size > 1
+        return self.strategy_adapter.agree_max if tokens_split else None
 
     def routing_context(self, micro: RolloutBatch):
         """Record (or, with replay, force) pi_old's experts in forwards and backwards on ``micro``."""
@@ -247,13 +261,6 @@ class GSPOModule(pl.LightningModule):
         adapter = self.strategy_adapter
         self._grad_norm = adapter.clip_gradients(self.policy, self.hparams.max_grad_norm)
         self._skip_step = self.nonfinite_guard(self._grad_norm, adapter.nonfinite(self._grad_norm), self.policy)
-
-    def export_pretrained(self, path: str | Path, safe_serialization: bool = True) -> None:
-        """Write the policy as a ``save_pretrained`` folder (rank 0 writes; a collective: every rank calls it)."""
-        state_dict = self.strategy_adapter.full_policy_state_dict(self.policy)  # gathered from any sharding
-        if self.trainer.is_global_zero:
-            Path(path).mkdir(parents=True, exist_ok=True)
-            self.policy.save_pretrained(path, state_dict=state_dict, safe_serialization=safe_serialization)
 
     def _log_step(self, batch: RolloutBatch, policy_metrics: dict[str, float], train_s: float) -> None:
         lr = self.optimizers().param_groups[0]["lr"]

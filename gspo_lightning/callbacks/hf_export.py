@@ -7,11 +7,17 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from transformers import PreTrainedModel
 from typing_extensions import override
+
+from gspo_lightning.training.strategy import StrategyAdapter
 
 
 class HFExport(Callback):
     """Saves ``save_pretrained`` folders for serving with vLLM or transformers.
+
+    Exports the transformers model the LightningModule holds as a child (GSPOModule's ``policy``), gathered
+    from whatever shards it, and the data module's tokenizer.
 
     Args:
         dirpath: output folder (default: ``<log_dir>/hf_export``); each export goes to ``step_<global_step>``
@@ -35,20 +41,34 @@ class HFExport(Callback):
             return Path(self.dirpath)
         return Path(trainer.log_dir or trainer.default_root_dir) / "hf_export"
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not callable(getattr(pl_module, "export_pretrained", None)):
+    @staticmethod
+    def pretrained_child(pl_module: pl.LightningModule) -> tuple[str, PreTrainedModel]:
+        """The transformers model the LightningModule trains: its one ``PreTrainedModel`` child.
+
+        Raises:
+            RuntimeError: it has none (or several).
+        """
+        found = [(n, m) for n, m in pl_module.named_children() if isinstance(m, PreTrainedModel)]
+        if len(found) != 1:
             raise RuntimeError(
-                f"HFExport needs a LightningModule with export_pretrained(path, safe_serialization), such as"
-                f" GSPOModule; {type(pl_module).__name__} has none. Remove the callback or add the method."
+                f"HFExport exports the one transformers model a LightningModule holds as a child (as GSPOModule's"
+                f" policy); {type(pl_module).__name__} has {len(found)}. Remove the callback or keep one."
             )
+        return found[0]
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.pretrained_child(pl_module)  # fail at the start, not after training
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> Path:
         """Write the folder ``<root>/<name>`` (rank 0 writes; every rank must call it)."""
         path = self._root(trainer) / name
+        child, model = self.pretrained_child(pl_module)
         # a collective under sharded strategies (every rank gathers the shards), a plain copy otherwise
-        pl_module.export_pretrained(path, safe_serialization=self.safe_serialization)
+        state_dict = StrategyAdapter(trainer).full_state_dict(child, model)
         if trainer.is_global_zero:
+            path.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(path, state_dict=state_dict, safe_serialization=self.safe_serialization)
             trainer.datamodule.tokenizer.save_pretrained(path)
             rank_zero_info(f"HFExport: wrote {path}")
         trainer.strategy.barrier("hf_export")

@@ -4,11 +4,42 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from transformers import GenerationConfig
+from torch import Tensor, nn
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine, pad_left, response_mask_until_eos
 from gspo_lightning.sharding import is_sharded
+
+
+class SampledTokenLogprobs(LogitsProcessor):
+    """Records the log-prob of each sampled token at the sampling temperature, from the logits ``generate``
+    computes anyway: ``log softmax(z / tau)`` at the token chosen.
+
+    A logits processor sees step t's logits before the token is chosen and, at step t + 1, the token chosen at
+    t (the last column of ``input_ids``): it keeps one step's ``(n, V)`` log-softmax, never all of them.
+    Transformers runs custom processors before its own warpers, so the logits here are the raw ones (the
+    checkpoint's own processors are switched off by the engine).
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self.previous: Tensor | None = None
+        self.logprobs: list[Tensor] = []
+
+    def _take(self, chosen: Tensor) -> None:
+        if self.previous is not None:
+            self.logprobs.append(self.previous.gather(-1, chosen[:, None].to(self.previous.device)).squeeze(-1))
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self._take(input_ids[:, -1])
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, sequences: Tensor) -> Tensor:
+        """(n, steps) log-probs of the generated tokens, once ``generate`` returned ``sequences``."""
+        self._take(sequences[:, -1])
+        self.previous = None
+        return torch.stack(self.logprobs, dim=1).cpu()
 
 
 @ENGINES.register
@@ -17,7 +48,9 @@ class TransformersEngine(RolloutEngine):
 
     Prompts are left-padded and generated in chunks of ``batch_size`` prompts, each with
     ``num_return_sequences = G``. The policy is put in eval mode while generating and restored after. The
-    model's own ``generation_config`` is ignored: only ``SamplingConfig`` shapes the rollouts.
+    model's own ``generation_config`` is ignored: only ``SamplingConfig`` shapes the rollouts. Sampled
+    rollouts report each token's log-prob at the sampling temperature (:class:`SampledTokenLogprobs`), so
+    ``model.old_logprobs: rollout`` and the mismatch correction work with this engine too.
 
     Args:
         batch_size: prompts per ``generate`` call (bounds the KV-cache memory); None means all at once.
@@ -66,10 +99,11 @@ class TransformersEngine(RolloutEngine):
         # parameter generate() is not given: swap in transformers' neutral defaults so that the rollouts come
         # from the distribution the trainer's log-probs describe (softmax(logits / temperature))
         self.policy.generation_config = GenerationConfig()
-        chunks = []
+        chunks, logprob_chunks = [], []
         step = self.batch_size or len(prompt_ids)
         try:
             for start in range(0, len(prompt_ids), step):
+                recorder = SampledTokenLogprobs(s.temperature)
                 out = self.policy.generate(
                     input_ids=ids[start : start + step].to(device),
                     attention_mask=mask[start : start + step].to(device).long(),
@@ -79,9 +113,12 @@ class TransformersEngine(RolloutEngine):
                     eos_token_id=eos_ids.tolist(),
                     use_cache=self.use_cache,
                     synced_gpus=synced,
+                    logits_processor=LogitsProcessorList([] if greedy else [recorder]),
                     **kwargs,
                 )
                 chunks.append(out[:, ids.shape[1] :].cpu())
+                if not greedy:
+                    logprob_chunks.append(recorder.finish(out))
         finally:
             self.policy.train(was_training)
             self.policy.generation_config = checkpoint_config
@@ -89,10 +126,15 @@ class TransformersEngine(RolloutEngine):
         response = torch.cat([nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
         response_mask, truncated = response_mask_until_eos(response, eos_ids, s.max_new_tokens)
         response = response.masked_fill(~response_mask, pad_id)
+        logprobs = None
+        if logprob_chunks:
+            logprobs = torch.cat([nn.functional.pad(c, (0, width - c.shape[1])) for c in logprob_chunks])
+            logprobs = logprobs.masked_fill(~response_mask, 0.0)
         return Generation(
             prompt_ids=ids.repeat_interleave(num_samples, 0),
             prompt_mask=mask.repeat_interleave(num_samples, 0),
             response_ids=response,
             response_mask=response_mask,
             truncated=truncated,
+            logprobs=logprobs,
         )

@@ -11,11 +11,18 @@ from gspo_lightning.models import DType, load_causal_lm
 from gspo_lightning.moe.layout import MoELayout
 from gspo_lightning.moe.routing import RoutingController
 
+CHECKED_OPTIONS = (
+    "mini_batches", "epochs", "micro_batch_size", "micro_batch_tokens", "kl_coef", "max_grad_norm", "aggregation",
+    "max_new_tokens",
+)  # fmt: skip
+"""The module options :func:`check_options` takes, by name."""
+
 
 def check_options(
     mini_batches: int,
     epochs: int,
     micro_batch_size: int | None,
+    micro_batch_tokens: int | None,
     kl_coef: float,
     max_grad_norm: float | None,
     aggregation: str,
@@ -33,6 +40,8 @@ def check_options(
         raise ValueError(f"mini_batches and epochs must be >= 1, got {mini_batches} and {epochs}.")
     if micro_batch_size is not None and micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}.")
+    if micro_batch_tokens is not None and micro_batch_tokens < 1:
+        raise ValueError(f"micro_batch_tokens must be >= 1 or None, got {micro_batch_tokens}.")
     if kl_coef < 0:
         raise ValueError(f"model.kl_coef={kl_coef} rewards drifting away from the reference: use 0 (off) or > 0.")
     if max_grad_norm is not None and max_grad_norm <= 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,7 +26,7 @@ from gspo_lightning.components.mismatch import MismatchCorrection
 from gspo_lightning.moe.routing import RoutingController
 from gspo_lightning.ops import seq_sum
 from gspo_lightning.training.logprobs import response_logprobs
-from gspo_lightning.training.splits import micro_batch_indices
+from gspo_lightning.training.splits import micro_batches
 
 OldLogprobs = Literal["auto", "recompute", "rollout"]
 """The user's choice (``model.old_logprobs``)."""
@@ -63,29 +64,42 @@ def no_grad_logprobs(
     micro_batch_size: int | None,
     routing: RoutingController | None = None,
     chunk_size: int | None = 1024,
+    micro_batch_tokens: int | None = None,
+    agree: Callable[[int], int] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the batch's responses in eval mode (no dropout), one micro-batch at a time.
+
+    Micro-batches are cut as in the update (``training.splits.micro_batches``: by sequence count or token
+    budget, each trimmed to its own widths) and their results put back in the batch's order and widths.
 
     Returns:
         (N, T) log-probs, and with ``routing`` the (N, L, P+T, k) experts the model chose (else None).
     """
     was_training = model.training
     model.eval()
-    parts, experts = [], []
+    n, t = batch.response_mask.shape
+    logprobs = batch.response_mask.new_zeros(n, t, dtype=torch.float32)
+    recorded = []
     try:
-        for index in micro_batch_indices(len(batch), micro_batch_size):
-            micro = batch.select(index)
+        for index, micro in micro_batches(batch, micro_batch_size, micro_batch_tokens, agree):
+            width = micro.response_mask.shape[1]
             with routing.recording(micro.input_ids) if routing is not None else nullcontext():
-                width = micro.response_mask.shape[1]
                 out = response_logprobs(
                     model, micro.input_ids, micro.attention_mask, width, temperature, chunk_size=chunk_size
                 )
-            parts.append(out.logprobs)
+            logprobs[index.to(logprobs.device), :width] = out.logprobs
             if routing is not None:
-                experts.append(routing.recorded())
+                recorded.append((index, batch.prompt_width - micro.prompt_width, routing.recorded()))
     finally:
         model.train(was_training)
-    return torch.cat(parts), torch.cat(experts) if routing is not None else None
+    if routing is None:
+        return logprobs, None
+    dtype = torch.int16 if any(r.dtype == torch.int16 for *_, r in recorded) else torch.uint8
+    shape = (n, routing.num_layers, batch.input_ids.shape[1], recorded[0][2].shape[-1])
+    experts = torch.zeros(shape, dtype=dtype, device=recorded[0][2].device)
+    for index, start, part in recorded:  # one step per micro-batch
+        experts[index.to(experts.device), :, start : start + part.shape[2]] = part.to(dtype)
+    return logprobs, experts
 
 
 @dataclass
@@ -138,6 +152,7 @@ class PreUpdatePass:
         micro_batch_size: sequences per no-grad forward (None: the whole batch).
         record_routing: record pi_old's experts (Routing Replay, or the routing-change metric off-policy).
         chunk_size: response tokens per chunk of the output projection (``training.logprobs``).
+        micro_batch_tokens: real-token budget of a micro-batch (overrides ``micro_batch_size``).
     """
 
     def __init__(
@@ -152,6 +167,7 @@ class PreUpdatePass:
         micro_batch_size: int | None = None,
         record_routing: bool = False,
         chunk_size: int | None = 1024,
+        micro_batch_tokens: int | None = None,
     ) -> None:
         if old_logprobs == "rollout" and mismatch_correction is not None:
             raise ValueError("old_logprobs='rollout' makes pi_old the engine's: there is no mismatch to correct.")
@@ -163,6 +179,8 @@ class PreUpdatePass:
         self.micro_batch_size = micro_batch_size
         self.record_routing = record_routing
         self.chunk_size = chunk_size
+        self.micro_batch_tokens = micro_batch_tokens
+        self.agree: Callable[[int], int] | None = None  # set per call: the ranks' micro-batch count agreement
         needs_trainer_old = self.kl is not None or mismatch_correction is not None
         self.source = old_logprob_source(old_logprobs, on_policy, needs_trainer_old)
 
@@ -172,8 +190,11 @@ class PreUpdatePass:
         policy: nn.Module,
         reference: nn.Module | None = None,
         routing: RoutingController | None = None,
+        agree: Callable[[int], int] | None = None,
     ) -> PreUpdateResult:
-        """Run the pass on ``batch`` with ``policy`` (pi_old), ``reference`` and ``routing`` (MoE only)."""
+        """Run the pass on ``batch`` with ``policy`` (pi_old), ``reference`` and ``routing`` (MoE only);
+        ``agree`` makes every rank run as many micro-batches (``training.splits.micro_batches``)."""
+        self.agree = agree
         metrics: dict[str, float] = {}
         start = time.perf_counter()
         old, experts = self._old_logprobs(batch, policy, routing if self.record_routing else None)
@@ -219,7 +240,10 @@ class PreUpdatePass:
     def _logprobs(
         self, model: nn.Module, batch: RolloutBatch, routing: RoutingController | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        return no_grad_logprobs(model, batch, self.temperature, self.micro_batch_size, routing, self.chunk_size)
+        return no_grad_logprobs(
+            model, batch, self.temperature, self.micro_batch_size, routing, self.chunk_size,
+            self.micro_batch_tokens, self.agree,
+        )  # fmt: skip
 
     def _mismatch(self, batch: RolloutBatch, old: Tensor | None) -> tuple[Tensor | None, dict[str, float]]:
         """The engine's log-prob gap to the trainer's pi_old, and the correction's weights when configured."""

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+from gspo_lightning.batch import RolloutBatch
 
 
 def mini_batch_indices(n: int, mini_batches: int, shuffle: bool, generator: torch.Generator) -> list[Tensor]:
@@ -24,3 +28,52 @@ def mini_batch_indices(n: int, mini_batches: int, shuffle: bool, generator: torc
 def micro_batch_indices(n: int, size: int | None) -> list[Tensor]:
     """Consecutive index sets of at most ``size`` sequences covering ``range(n)`` (None: one set)."""
     return list(torch.split(torch.arange(n), size or max(n, 1)))
+
+
+def token_budget_indices(lengths: Tensor, budget: int) -> list[Tensor]:
+    """Index sets of sequences packed into micro-batches of at most ``budget`` real tokens each.
+
+    Sequences are sorted by length (longest first, so each micro-batch holds sequences of similar length and
+    little padding once trimmed) and cut greedily where the running token count would pass the budget; a
+    sequence longer than the budget gets a micro-batch of its own. One loop step per micro-batch.
+
+    Args:
+        lengths: (n,) real tokens (prompt + response) of each sequence.
+        budget: the most real tokens a micro-batch holds.
+    """
+    if budget < 1:
+        raise ValueError(f"micro_batch_tokens must be >= 1, got {budget}.")
+    order = torch.argsort(lengths, descending=True, stable=True)
+    ends = torch.cumsum(lengths[order], 0)
+    out, start, done = [], 0, 0
+    while start < len(order):
+        stop = max(int(torch.searchsorted(ends, done + budget, right=True)), start + 1)
+        out.append(order[start:stop])
+        done, start = int(ends[stop - 1]), stop
+    return out
+
+
+def micro_batches(
+    batch: RolloutBatch, size: int | None = None, tokens: int | None = None, agree: Callable[[int], int] | None = None
+) -> list[tuple[Tensor, RolloutBatch]]:
+    """The micro-batches of ``batch`` with their sequence indices, each trimmed to its own widths.
+
+    Args:
+        batch: a mini-batch (or the whole rollout batch, for the no-grad passes).
+        size: sequences per micro-batch (None: all), when ``tokens`` is None.
+        tokens: the real-token budget of a micro-batch (:func:`token_budget_indices`); overrides ``size``.
+        agree: returns the largest micro-batch count over the data-parallel ranks (a collective). Sharded
+            forwards (FSDP2) are collectives, so every rank must run as many: a rank with fewer splits its
+            largest micro-batches in two until it has that many.
+    """
+    if tokens is not None:
+        index = token_budget_indices(batch.attention_mask.sum(-1), tokens)
+    else:
+        index = micro_batch_indices(len(batch), size)
+    target = agree(len(index)) if agree is not None else len(index)
+    while len(index) < target:
+        largest = max(range(len(index)), key=lambda i: len(index[i]))
+        if len(index[largest]) < 2:
+            break
+        index[largest : largest + 1] = list(torch.tensor_split(index[largest], 2))
+    return [(i, batch.select(i).trimmed()) for i in index]

@@ -8,8 +8,8 @@ gradient norm, the full weights of a sharded policy and the FSDP2 mesh. The loop
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
@@ -17,6 +17,15 @@ from torch import Tensor, nn
 
 from gspo_lightning.components.aggregation import LossCounts
 from gspo_lightning.sharding import full_state_dict
+
+
+@contextmanager
+def _fsdp2_no_sync(module: nn.Module) -> Iterator[None]:
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
 
 
 class StrategyAdapter:
@@ -46,10 +55,17 @@ class StrategyAdapter:
         summed = self.strategy.reduce(local_t, reduce_op="sum")
         return LossCounts(num_tokens=float(summed[0]), num_seqs=float(summed[1]))
 
-    def backward_sync(self, last: bool) -> AbstractContextManager:
-        """Skip the gradient all-reduce of every micro-batch but the ``last`` one (DDP accumulation)."""
+    def backward_sync(self, last: bool, policy: nn.Module | None = None) -> AbstractContextManager:
+        """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) of every micro-batch but the ``last``.
+
+        FSDP2 then accumulates unsharded gradients until the last micro-batch: less communication, more memory.
+        """
+        if last:
+            return nullcontext()
+        if policy is not None and callable(getattr(policy, "set_requires_gradient_sync", None)):
+            return _fsdp2_no_sync(policy)
         block = getattr(self.strategy, "block_backward_sync", None)
-        return nullcontext() if last or block is None else block()
+        return nullcontext() if block is None else block()
 
     def clip_gradients(self, policy: nn.Module, max_norm: float | None) -> Tensor:
         """Clip the policy's gradients by global norm and return the norm before clipping.
@@ -105,6 +121,10 @@ class StrategyAdapter:
         bad = torch.tensor([0.0 if not local or bool(torch.stack(local).all()) else 1.0], dtype=torch.float64)
         return float(self.reduce(bad, "max")[0]) == 0.0
 
+    def agree_max(self, count: int) -> int:
+        """The largest ``count`` over the data-parallel ranks (a collective)."""
+        return int(self.reduce(torch.tensor([float(count)], dtype=torch.float64), "max")[0])
+
     def reduce(self, tensor: Tensor, op: str) -> Tensor:
         """``tensor`` reduced over the data-parallel ranks with ``op`` (``"sum"``, ``"max"``, ``"min"``)."""
         device = self.trainer.lightning_module.device
@@ -116,11 +136,12 @@ class StrategyAdapter:
             return torch.as_tensor(float(self.trainer.model.get_global_grad_norm() or 0.0))
         return norm
 
-    def full_policy_state_dict(self, policy: nn.Module) -> dict[str, Tensor]:
-        """The policy's full weights on the CPU (a collective under sharded strategies: every rank calls it).
+    def full_state_dict(self, name: str, module: nn.Module) -> dict[str, Tensor]:
+        """The full weights on the CPU of the LightningModule's child ``name`` (``module``): a collective under
+        sharded strategies, every rank calls it.
 
-        Under Lightning's FSDP1 the wrapped root is the LightningModule, so its full state dict is taken and
-        the ``policy.`` prefix removed; FSDP2 DTensors and DeepSpeed ZeRO-3 partitions are gathered by
+        Under Lightning's FSDP1 the wrapped root is the LightningModule, so its full state dict is taken and the
+        ``<name>.`` prefix removed; FSDP2 DTensors and DeepSpeed ZeRO-3 partitions are gathered by
         :func:`~gspo_lightning.sharding.full_state_dict`.
         """
         if isinstance(self.strategy, FSDPStrategy):
@@ -128,8 +149,8 @@ class StrategyAdapter:
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             state = get_model_state_dict(self.trainer.model, options=options)
-            return {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
-        return full_state_dict(policy)
+            return {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
+        return full_state_dict(module)
 
     def data_parallel_mesh(self, device_mesh: Callable[[], object]):
         """The FSDP2 data-parallel mesh under Lightning's ``ModelParallelStrategy``, else None.

@@ -70,3 +70,24 @@ def test_truncated_sampling_is_refused_for_training_rollouts(tiny_tokenizer):
     for sampling in (SamplingConfig(top_p=0.9), SamplingConfig(top_k=20)):
         with pytest.raises(ValueError, match="top_p: 1.0 and top_k: 0"):
             TransformersEngine().configure(sampling, tiny_tokenizer)
+
+
+def test_sampled_rollouts_report_the_trainers_log_probs(tiny_model, tiny_tokenizer):
+    from gspo_lightning.training.logprobs import response_logprobs
+
+    prompts = [tiny_tokenizer("12+34=")["input_ids"], tiny_tokenizer("7+8=")["input_ids"]]
+    engine = TransformersEngine(batch_size=1)  # two generate calls: chunks of different widths
+    engine.configure(SamplingConfig(temperature=0.7, max_new_tokens=6), tiny_tokenizer)
+    engine.bind(tiny_model)
+    torch.manual_seed(0)
+    gen = engine.generate(prompts, num_samples=3)
+    assert gen.logprobs is not None and gen.logprobs.shape == gen.response_mask.shape
+    ids = torch.cat([gen.prompt_ids, gen.response_ids], 1)
+    attn = torch.cat([gen.prompt_mask, gen.response_mask], 1)
+    tiny_model.eval()
+    with torch.no_grad():
+        trainer = response_logprobs(tiny_model, ids, attn, gen.response_ids.shape[1], temperature=0.7).logprobs
+    mask = gen.response_mask
+    torch.testing.assert_close(gen.logprobs[mask], trainer[mask], rtol=1e-4, atol=1e-4)
+    assert (gen.logprobs[~mask] == 0).all()
+    assert engine.generate(prompts, num_samples=1, greedy=True).logprobs is None

@@ -64,7 +64,10 @@ def test_fsdp2_fit_checkpoint_resume_and_full_export(tmp_path, tiny_path):
             "-m",
             "gspo_lightning.cli",
             "fit",
-            *tiny_args(tmp_path, *FSDP2, *VARIED_REWARD, "--trainer.callbacks+=HFExport"),
+            # token-budget micro-batches: the ranks must agree on how many (every FSDP2 forward is a collective)
+            *tiny_args(
+                tmp_path, *FSDP2, *VARIED_REWARD, "--model.micro_batch_tokens", "30", "--trainer.callbacks+=HFExport"
+            ),
         ],
         tmp_path,
     )

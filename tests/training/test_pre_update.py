@@ -103,3 +103,15 @@ def test_mismatch_is_logged_and_corrected(tiny_path, rollout):
     real = batch.is_weights[batch.response_mask]
     torch.testing.assert_close(real, torch.full_like(real, 1.2))
     assert "sampling/is_weight_mean" in batch.metrics
+
+
+def test_token_budget_passes_put_results_back_in_order(tiny_path, rollout):
+    whole = built_module(tiny_path, mini_batches=2)
+    reference = prepared(whole, rollout)
+    packed = built_module(tiny_path, mini_batches=2, micro_batch_tokens=30)
+    packed.policy.load_state_dict(whole.policy.state_dict())
+    batch = prepared(packed, rollout)
+    mask = batch.response_mask
+    torch.testing.assert_close(batch.old_logprobs[mask], reference.old_logprobs[mask], rtol=1e-5, atol=1e-6)
+    real = rollout.attention_mask[:, None, :, None].expand_as(batch.routing)
+    assert torch.equal(batch.routing[real], reference.routing[real])  # experts at every real position

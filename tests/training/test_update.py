@@ -46,3 +46,25 @@ def test_mismatch_weights_scale_the_token_losses(tiny_path, rollout):
     batch.is_weights = None
     unweighted, _ = module.policy_loss(module.policy, batch, counts)
     torch.testing.assert_close(weighted, 1.2 * unweighted)
+
+
+def test_token_budget_micro_batches_give_the_whole_batch_gradient(tiny_path, rollout):
+    from gspo_lightning.training.splits import micro_batches
+
+    options = dict(mini_batches=2, aggregation="seq-mean-token-mean", entropy_coef=0.01)
+    whole = built_module(tiny_path, **options)
+    batch = prepared(whole, rollout)
+    batch.advantages = torch.linspace(-1, 1, len(batch))
+    g_whole = _grads(whole, batch)
+    packed = built_module(tiny_path, **options, micro_batch_tokens=40)
+    packed.policy.load_state_dict(whole.policy.state_dict())
+    packed.policy.zero_grad()
+    counts = LossCounts.from_mask(batch.response_mask)
+    parts = micro_batches(batch, tokens=40)
+    assert len(parts) > 2 and any(part.input_ids.shape[1] < batch.input_ids.shape[1] for _, part in parts)
+    for _, part in parts:
+        with packed.routing_context(part):
+            loss, _ = packed.policy_loss(packed.policy, part, counts, packed.routing)
+            loss.backward()
+    g_packed = torch.cat([p.grad.flatten() for p in packed.policy.parameters() if p.grad is not None])
+    torch.testing.assert_close(g_packed, g_whole, rtol=1e-4, atol=1e-6)
