@@ -24,6 +24,7 @@ LAYERS = [
     {"training"},  # the trainer side's stages
     {"module"},
     {"callbacks"},
+    {"checkpoints"},  # checkpoint files, for the CLI
     {"cli", "__init__"},
 ]
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}

@@ -17,7 +17,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from support import ROOT, scalars, tiny_args
 
-from gspo_lightning.cli import PARTIAL_SUFFIX, AtomicCheckpointIO, cli_main, partial_path
+from gspo_lightning.checkpoints import PARTIAL_SUFFIX, AtomicCheckpointIO, partial_path
+from gspo_lightning.cli import cli_main
 from gspo_lightning.rng import rng_states
 
 DATA_STATE = "RolloutDataModule"
