@@ -180,7 +180,6 @@ class PreUpdatePass:
         self.record_routing = record_routing
         self.chunk_size = chunk_size
         self.micro_batch_tokens = micro_batch_tokens
-        self.agree: Callable[[int], int] | None = None  # set per call: the ranks' micro-batch count agreement
         needs_trainer_old = self.kl is not None or mismatch_correction is not None
         self.source = old_logprob_source(old_logprobs, on_policy, needs_trainer_old)
 
@@ -194,17 +193,16 @@ class PreUpdatePass:
     ) -> PreUpdateResult:
         """Run the pass on ``batch`` with ``policy`` (pi_old), ``reference`` and ``routing`` (MoE only);
         ``agree`` makes every rank run as many micro-batches (``training.splits.micro_batches``)."""
-        self.agree = agree
         metrics: dict[str, float] = {}
         start = time.perf_counter()
-        old, experts = self._old_logprobs(batch, policy, routing if self.record_routing else None)
+        old, experts = self._old_logprobs(batch, policy, routing if self.record_routing else None, agree)
         metrics["time/old_logprob_s"] = time.perf_counter() - start
         is_weights, mismatch_metrics = self._mismatch(batch, old)
         metrics.update(mismatch_metrics)
         start = time.perf_counter()
         ref = None
         if reference is not None:
-            ref, _ = self._logprobs(reference, batch)
+            ref, _ = self._logprobs(reference, batch, agree=agree)
         metrics["time/ref_logprob_s"] = time.perf_counter() - start
         penalised = None
         if self.kl is not None:
@@ -225,24 +223,24 @@ class PreUpdatePass:
         )
 
     def _old_logprobs(
-        self, batch: RolloutBatch, policy: nn.Module, routing: RoutingController | None
+        self, batch: RolloutBatch, policy: nn.Module, routing: RoutingController | None, agree: Callable | None
     ) -> tuple[Tensor | None, Tensor | None]:
         """pi_old's log-probs from the resolved source, and its experts when recording."""
         if self.source == "rollout" and batch.rollout_logprobs is None:
             raise ValueError("old_logprobs='rollout' needs an engine that reports log-probs (e.g. VLLMEngine).")
         if self.source == "trainer":
-            return self._logprobs(policy, batch, routing)
+            return self._logprobs(policy, batch, routing, agree)
         experts = None
         if routing is not None:  # replay or the routing metric need pi_old's experts even without its log-probs
-            _, experts = self._logprobs(policy, batch, routing)
+            _, experts = self._logprobs(policy, batch, routing, agree)
         return (batch.rollout_logprobs if self.source == "rollout" else None), experts
 
     def _logprobs(
-        self, model: nn.Module, batch: RolloutBatch, routing: RoutingController | None = None
+        self, model: nn.Module, batch: RolloutBatch, routing: RoutingController | None = None, agree=None
     ) -> tuple[Tensor, Tensor | None]:
         return no_grad_logprobs(
             model, batch, self.temperature, self.micro_batch_size, routing, self.chunk_size,
-            self.micro_batch_tokens, self.agree,
+            self.micro_batch_tokens, agree,
         )  # fmt: skip
 
     def _mismatch(self, batch: RolloutBatch, old: Tensor | None) -> tuple[Tensor | None, dict[str, float]]:

@@ -6,14 +6,15 @@ from support import built_module, prepared
 
 from gspo_lightning import LossCounts
 from gspo_lightning.components.mismatch import MismatchCorrection
-from gspo_lightning.training.splits import micro_batch_indices
+from gspo_lightning.training.splits import micro_batches
 
 
 def _grads(module, batch):
+    """The gradient of the batch's loss accumulated over the module's micro-batches (size or token budget)."""
     module.policy.zero_grad()
     counts = LossCounts.from_mask(batch.response_mask)
-    for part in micro_batch_indices(len(batch), module.hparams.micro_batch_size):
-        piece = batch.select(part)
+    hp = module.hparams
+    for _, piece in micro_batches(batch, hp.micro_batch_size, hp.micro_batch_tokens):
         with module.routing_context(piece):
             loss, _ = module.policy_loss(module.policy, piece, counts, module.routing)
             loss.backward()
@@ -49,8 +50,6 @@ def test_mismatch_weights_scale_the_token_losses(tiny_path, rollout):
 
 
 def test_token_budget_micro_batches_give_the_whole_batch_gradient(tiny_path, rollout):
-    from gspo_lightning.training.splits import micro_batches
-
     options = dict(mini_batches=2, aggregation="seq-mean-token-mean", entropy_coef=0.01)
     whole = built_module(tiny_path, **options)
     batch = prepared(whole, rollout)
@@ -58,13 +57,7 @@ def test_token_budget_micro_batches_give_the_whole_batch_gradient(tiny_path, rol
     g_whole = _grads(whole, batch)
     packed = built_module(tiny_path, **options, micro_batch_tokens=40)
     packed.policy.load_state_dict(whole.policy.state_dict())
-    packed.policy.zero_grad()
-    counts = LossCounts.from_mask(batch.response_mask)
     parts = micro_batches(batch, tokens=40)
     assert len(parts) > 2 and any(part.input_ids.shape[1] < batch.input_ids.shape[1] for _, part in parts)
-    for _, part in parts:
-        with packed.routing_context(part):
-            loss, _ = packed.policy_loss(packed.policy, part, counts, packed.routing)
-            loss.backward()
-    g_packed = torch.cat([p.grad.flatten() for p in packed.policy.parameters() if p.grad is not None])
+    g_packed = _grads(packed, batch)
     torch.testing.assert_close(g_packed, g_whole, rtol=1e-4, atol=1e-6)
