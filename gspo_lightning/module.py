@@ -77,6 +77,8 @@ class GSPOModule(pl.LightningModule):
         micro_batch_tokens: instead, pack length-sorted sequences into micro-batches of at most this many real
             tokens, each trimmed to its own widths (less padding when lengths vary).
         logprob_chunk_size: response tokens per chunk of the output projection (O(chunk x V) memory); None: all.
+        padding_free: forward each micro-batch's real tokens packed into one row, position ids restarting per
+            sequence (block-causal attention): no compute on padding; results equal the padded path's.
         entropy_coef / router_aux_loss_coef: weights of the entropy bonus and of an MoE load-balancing loss.
         temperature / max_new_tokens: the sampling temperature and generation limit (T_max), linked from data.
         old_logprobs: ``"auto"`` skips the pi_old pass when exactly on-policy, ``"recompute"``, ``"rollout"``.
@@ -110,6 +112,7 @@ class GSPOModule(pl.LightningModule):
         micro_batch_size: int | None = None,
         micro_batch_tokens: int | None = None,
         logprob_chunk_size: int | None = 1024,
+        padding_free: bool = False,
         entropy_coef: float = 0.0,
         router_aux_loss_coef: float = 0.0,
         temperature: float = 1.0,
@@ -138,14 +141,14 @@ class GSPOModule(pl.LightningModule):
         loss_kl_coef = 0.0 if kl_in_reward else kl_coef  # in the reward, the KL term is the pre-update pass's
         self.objective = PolicyObjective(ratio, clip, kl, loss_kl_coef, aggregation, max_len=max_new_tokens)
         self.policy_loss = PolicyLoss(
-            self.objective, temperature, entropy_coef, router_aux_loss_coef, logprob_chunk_size
+            self.objective, temperature, entropy_coef, router_aux_loss_coef, logprob_chunk_size, padding_free
         )
         on_policy = is_on_policy(mini_batches, epochs, old_logprobs)
         reward_kl = (kl, kl_coef) if kl_in_reward else (None, 0.0)
         self.pre_update = PreUpdatePass(
             self.advantage, old_logprobs, on_policy, *reward_kl, mismatch_correction, temperature, micro_batch_size,
             record_routing=routing_replay or not on_policy, chunk_size=logprob_chunk_size,
-            micro_batch_tokens=micro_batch_tokens,
+            micro_batch_tokens=micro_batch_tokens, padding_free=padding_free,
         )  # fmt: skip
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.policy: torch.nn.Module | None = None
@@ -253,7 +256,8 @@ class GSPOModule(pl.LightningModule):
 
     def routing_context(self, micro: RolloutBatch):
         """Record (or, with replay, force) pi_old's experts in forwards and backwards on ``micro``."""
-        return routing_context(self.routing, micro.input_ids, micro.routing, self.hparams.routing_replay)
+        packed = micro.attention_mask if self.hparams.padding_free else None
+        return routing_context(self.routing, micro.input_ids, micro.routing, self.hparams.routing_replay, packed)
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -60,6 +60,7 @@ class RoutingController:
         self.mode: Mode = "off"
         self._shape: tuple[int, int] = (0, 0)  # (n, S) of the forward being recorded or replayed
         self._replay: Tensor | None = None  # (n, L, S, k)
+        self._real: Tensor | None = None  # (n * S,) bool: the positions a packed forward runs
         self._recorded: list[Tensor | None] = [None] * len(self.routers)
         self._chosen: list[Tensor | None] = [None] * len(self.routers)
         for i, router in enumerate(self.routers):
@@ -103,29 +104,44 @@ class RoutingController:
             if self.mode == "off":
                 return output
             logits, weights, experts = output
-            n, s = self._shape
-            self._chosen[layer] = experts.detach().reshape(n, s, -1)  # the router's own choice, even under replay
+            self._chosen[layer] = self._unpack(experts)  # the router's own choice, even under replay
             if self.mode == "replay":
-                experts = self._replay[:, layer].reshape(n * s, -1).to(device=logits.device, dtype=torch.long)
+                experts = self._replay[:, layer].reshape(-1, self._replay.shape[-1])
+                experts = experts[self._real] if self._real is not None else experts
+                experts = experts.to(device=logits.device, dtype=torch.long)
                 probs = torch.softmax(logits.float(), dim=-1)
                 weights = probs.gather(-1, experts)
                 if getattr(module, "norm_topk_prob", True):
                     weights = weights / weights.sum(-1, keepdim=True)
                 weights = weights.to(output[1].dtype)
-            self._recorded[layer] = experts.detach().reshape(n, s, -1)
+            self._recorded[layer] = self._unpack(experts)
             return logits, weights, experts
 
         return hook
 
+    def _unpack(self, experts: Tensor) -> Tensor:
+        """(positions, k) experts of a forward -> (n, S, k); packed forwards scatter back (0 at padding)."""
+        n, s = self._shape
+        experts = experts.detach()
+        if self._real is None:
+            return experts.reshape(n, s, -1)
+        full = experts.new_zeros(n * s, experts.shape[-1])
+        full[self._real] = experts
+        return full.reshape(n, s, -1)
+
     @contextmanager
-    def recording(self, input_ids: Tensor) -> Iterator[None]:
-        """Record the experts of forwards on ``input_ids`` (n, S); read them with :meth:`recorded`."""
-        with self._mode("record", input_ids):
+    def recording(self, input_ids: Tensor, packed: Tensor | None = None) -> Iterator[None]:
+        """Record the experts of forwards on ``input_ids`` (n, S); read them with :meth:`recorded`.
+
+        ``packed``: the (n, S) attention mask when the forward runs padding-free (only the real tokens, packed
+        into one row, reach the routers); routes still read back as (n, L, S, k)."""
+        with self._mode("record", input_ids, packed):
             yield
 
     @contextmanager
-    def replaying(self, input_ids: Tensor, experts: Tensor) -> Iterator[None]:
-        """Force ``experts`` (n, L, S, k) in forwards on ``input_ids`` (n, S), backward recomputation included."""
+    def replaying(self, input_ids: Tensor, experts: Tensor, packed: Tensor | None = None) -> Iterator[None]:
+        """Force ``experts`` (n, L, S, k) in forwards on ``input_ids`` (n, S), backward recomputation included;
+        ``packed`` as in :meth:`recording`."""
         if experts.shape[:3] != (input_ids.shape[0], self.num_layers, input_ids.shape[1]):
             raise ValueError(
                 f"Recorded routing of shape {tuple(experts.shape)} does not match {input_ids.shape[0]} sequences x"
@@ -133,21 +149,22 @@ class RoutingController:
             )
         self._replay = experts
         try:
-            with self._mode("replay", input_ids):
+            with self._mode("replay", input_ids, packed):
                 yield
         finally:
             self._replay = None
 
     @contextmanager
-    def _mode(self, mode: Mode, input_ids: Tensor) -> Iterator[None]:
-        previous = self.mode, self._shape
+    def _mode(self, mode: Mode, input_ids: Tensor, packed: Tensor | None) -> Iterator[None]:
+        previous = self.mode, self._shape, self._real
         self.mode, self._shape = mode, (input_ids.shape[0], input_ids.shape[1])
+        self._real = packed.reshape(-1).bool() if packed is not None else None
         self._recorded = [None] * self.num_layers
         self._chosen = [None] * self.num_layers
         try:
             yield
         finally:
-            self.mode, self._shape = previous
+            self.mode, self._shape, self._real = previous
 
     def recorded(self) -> Tensor:
         """(n, L, S, k) experts the last recorded or replayed forward used, as small integers."""
@@ -167,17 +184,24 @@ class RoutingController:
 
 
 def routing_context(
-    controller: RoutingController | None, input_ids: Tensor, experts: Tensor | None, replay: bool
+    controller: RoutingController | None,
+    input_ids: Tensor,
+    experts: Tensor | None,
+    replay: bool,
+    packed: Tensor | None = None,
 ) -> AbstractContextManager[None]:
     """The routing context of a forward (and its backward) on ``input_ids`` (n, S).
 
     Replays ``experts`` (n, L, S, k) when ``replay``, else records the experts chosen, so that
     :func:`routing_change_frac` can compare them with ``experts``. A no-op for a dense model (no controller)
-    or when nothing was recorded for this batch (``experts`` is None).
+    or when nothing was recorded for this batch (``experts`` is None). ``packed``: the attention mask of a
+    padding-free forward (:meth:`RoutingController.recording`).
     """
     if controller is None or experts is None:
         return nullcontext()
-    return controller.replaying(input_ids, experts) if replay else controller.recording(input_ids)
+    if replay:
+        return controller.replaying(input_ids, experts, packed)
+    return controller.recording(input_ids, packed)
 
 
 def routing_change_frac(old: Tensor, new: Tensor, response_mask: Tensor) -> Tensor:

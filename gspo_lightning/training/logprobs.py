@@ -7,6 +7,12 @@ whatever N and T are: no full-vocabulary ``(N, T, V)`` tensor is ever materialis
 vocabulary one such fp32 tensor of 4 x 4,096 tokens is 10 GiB). Only real response tokens go through the
 head; padding gets log-prob and entropy 0.
 
+Padding-free packing (``padding_free=True``): the real tokens of all N rows go into one row of L tokens,
+position ids restarting at 0 for each sequence and no attention mask; transformers then builds a
+block-causal mask from the position ids (sdpa, eager, flex) or runs flash-attention's variable-length kernel,
+so no compute is spent on padding and each sequence sees only itself. Results come back in the ``(N, T)``
+layout, equal to the padded path's to float tolerance.
+
 Logits are divided by the sampling temperature so the log-probs are those of the distribution the engine
 sampled from: ``log p(y_t) = z_y / tau - logsumexp(z / tau)``, ``H_t = logsumexp(z / tau) - sum_v p_v z_v / tau``.
 
@@ -40,17 +46,52 @@ class TokenLogprobs:
         entropy: (N, T) entropy of the (temperature-scaled) next-token distribution (0 at padding), or None.
         router_logits: per-layer router logits of an MoE model (each (N*(P+T), E)), or None.
         aux_loss: the MoE model's load-balancing loss when router logits were requested, else None.
+        router_token_mask: which rows of each router-logit tensor are real tokens (the attention mask, or all
+            of them when packed).
     """
 
     logprobs: Tensor
     entropy: Tensor | None = None
     router_logits: tuple[Tensor, ...] | None = None
     aux_loss: Tensor | None = None
+    router_token_mask: Tensor | None = None
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """Positions that skip left padding, as ``generate`` uses them. (N, S) -> (N, S)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class _Layout:
+    """How the model is called and where each response token's predicting hidden state lands.
+
+    ``rows`` (N, T): for response token j of sequence i, the row of the flattened ``(batch, positions)``
+    hidden states that predicts it (any valid row at padding, masked out later).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor | None
+    position_ids: Tensor
+    logits_to_keep: int
+    rows: Tensor
+
+
+def _padded_layout(input_ids: Tensor, attention_mask: Tensor, t: int) -> _Layout:
+    # the model keeps the last T+1 positions: position j of those predicts response token j
+    n = input_ids.shape[0]
+    rows = torch.arange(n, device=input_ids.device)[:, None] * (t + 1) + torch.arange(t, device=input_ids.device)
+    positions = position_ids_from_mask(attention_mask)
+    return _Layout(input_ids, attention_mask.long(), positions, t + 1, rows)
+
+
+def _packed_layout(input_ids: Tensor, attention_mask: Tensor, t: int) -> _Layout:
+    # real tokens in row-major order: each sequence's prompt then its response, sequences one after another
+    real = attention_mask.bool()
+    packed_pos = real.flatten().long().cumsum(0).reshape(real.shape) - 1  # (N, S) index in the packed row
+    rows = (packed_pos[:, input_ids.shape[1] - t :] - 1).clamp(min=0)  # the position before each response token
+    positions = position_ids_from_mask(attention_mask)[real]
+    return _Layout(input_ids[real][None], None, positions[None], 0, rows)
 
 
 def _head_chunk(
@@ -70,12 +111,13 @@ def _head_chunk(
 class ChunkedLogprobHead(nn.Module):
     """Stands in for a causal LM's output projection and returns per-token log-probs instead of logits.
 
-    Called by the model's forward with the hidden states of the last T + 1 positions (``logits_to_keep``);
-    returns ``(N, T, 2)``: the sampled tokens' log-probs and the entropies. The wrapped head is not
+    Called by the model's forward with its kept hidden states; ``rows`` (N, T) says which flattened row
+    predicts each response token (``_Layout``). Returns ``(N, T, 2)``: the sampled tokens' log-probs and the entropies. The wrapped head is not
     registered as a submodule, so the model's parameters and state dict are unchanged while it stands in.
 
     Args:
         head: the model's output projection (``get_output_embeddings()``).
+        rows: (N, T) rows of the flattened hidden states that predict the response tokens.
         targets: (N, T) the response tokens.
         mask: (N, T) bool, real response tokens.
         temperature: the sampling temperature.
@@ -86,6 +128,7 @@ class ChunkedLogprobHead(nn.Module):
     def __init__(
         self,
         head: nn.Module,
+        rows: Tensor,
         targets: Tensor,
         mask: Tensor,
         temperature: float,
@@ -95,13 +138,12 @@ class ChunkedLogprobHead(nn.Module):
     ) -> None:
         super().__init__()
         self.__dict__["head"] = head  # not a submodule: the model's module tree stays as it is
-        self.targets, self.mask = targets, mask.bool()
+        self.rows, self.targets, self.mask = rows, targets, mask.bool()
         self.temperature, self.chunk_size = temperature, chunk_size
         self.entropy, self.entropy_grad = entropy, entropy_grad
 
     def forward(self, hidden: Tensor) -> Tensor:
-        # hidden[:, j] predicts token j+1: the first T of the last T+1 positions predict the T response tokens
-        real = hidden[:, :-1][self.mask]  # (R, H) real response positions only
+        real = hidden.flatten(0, 1)[self.rows[self.mask]]  # (R, H) real response positions only
         targets = self.targets[self.mask]  # (R,)
         parts_lp, parts_ent = [], []
         for start in range(0, real.shape[0], self.chunk_size):  # chunks of tokens, not a loop over sequences
@@ -142,6 +184,7 @@ def response_logprobs(
     entropy_grad: bool = False,
     output_router_logits: bool = False,
     chunk_size: int | None = 1024,
+    padding_free: bool = False,
 ) -> TokenLogprobs:
     """Log-probs of ``input_ids[:, -T:]`` given everything before them.
 
@@ -157,6 +200,8 @@ def response_logprobs(
         output_router_logits: ask an MoE model for its router logits.
         chunk_size: response tokens per chunk of the output projection; None computes the model's own
             ``(N, T, V)`` logits at once (the reference implementation, and the fallback).
+        padding_free: pack the real tokens into one row (see the module docstring); results keep the
+            ``(N, T)`` layout.
     """
     t = response_width
     mask = attention_mask[:, -t:].bool() if t else attention_mask[:, :0].bool()
@@ -169,18 +214,18 @@ def response_logprobs(
             " full-vocabulary logits instead, which needs O(N x T x V) memory.",
             type(model).__name__,
         )
+    layout = (_packed_layout if padding_free else _padded_layout)(input_ids, attention_mask, t)
+    targets = input_ids[:, input_ids.shape[1] - t :]
     head = model.get_output_embeddings() if chunked else None
     if chunked:
-        targets = input_ids[:, -t:]
-        model.set_output_embeddings(
-            ChunkedLogprobHead(head, targets, mask, temperature, chunk_size, with_entropy, entropy_grad)
-        )
+        args = (temperature, chunk_size, with_entropy, entropy_grad)
+        model.set_output_embeddings(ChunkedLogprobHead(head, layout.rows, targets, mask, *args))
     try:
         out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask.long(),
-            position_ids=position_ids_from_mask(attention_mask),
-            logits_to_keep=t + 1,
+            input_ids=layout.input_ids,
+            attention_mask=layout.attention_mask,
+            position_ids=layout.position_ids,
+            logits_to_keep=layout.logits_to_keep,
             use_cache=False,
             **kwargs,
         )
@@ -189,16 +234,18 @@ def response_logprobs(
             model.set_output_embeddings(head)
     router = getattr(out, "router_logits", None) if output_router_logits else None
     aux = getattr(out, "aux_loss", None) if output_router_logits else None
+    router_mask = torch.ones(layout.input_ids.numel(), dtype=torch.bool, device=input_ids.device)
+    router_mask = router_mask if padding_free else attention_mask.bool()
+    moe = {"router_logits": router, "aux_loss": aux, "router_token_mask": router_mask if router else None}
     if chunked:
         per_token = out.logits  # (N, T, 2)
         entropy = per_token[..., 1] if with_entropy else None
-        return TokenLogprobs(logprobs=per_token[..., 0], entropy=entropy, router_logits=router, aux_loss=aux)
-    # logits at position j predict token j+1: the last T+1 positions predict the T response tokens (+1 extra)
-    logits = out.logits[:, -(t + 1) : -1].float() / temperature  # (N, T, V)
+        return TokenLogprobs(logprobs=per_token[..., 0], entropy=entropy, **moe)
+    logits = out.logits.flatten(0, 1)[layout.rows].float() / temperature  # (N, T, V)
     logp_all = torch.log_softmax(logits, dim=-1)
-    logprobs = logp_all.gather(-1, input_ids[:, -t:, None]).squeeze(-1).masked_fill(~mask, 0.0)
+    logprobs = logp_all.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
     entropy = None
     if with_entropy:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             entropy = (-(logp_all.exp() * logp_all).sum(-1)).masked_fill(~mask, 0.0)
-    return TokenLogprobs(logprobs=logprobs, entropy=entropy, router_logits=router, aux_loss=aux)
+    return TokenLogprobs(logprobs=logprobs, entropy=entropy, **moe)

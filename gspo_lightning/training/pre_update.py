@@ -66,6 +66,7 @@ def no_grad_logprobs(
     chunk_size: int | None = 1024,
     micro_batch_tokens: int | None = None,
     agree: Callable[[int], int] | None = None,
+    padding_free: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the batch's responses in eval mode (no dropout), one micro-batch at a time.
 
@@ -83,10 +84,12 @@ def no_grad_logprobs(
     try:
         for index, micro in micro_batches(batch, micro_batch_size, micro_batch_tokens, agree):
             width = micro.response_mask.shape[1]
-            with routing.recording(micro.input_ids) if routing is not None else nullcontext():
+            packed = micro.attention_mask if padding_free else None
+            with routing.recording(micro.input_ids, packed) if routing is not None else nullcontext():
                 out = response_logprobs(
-                    model, micro.input_ids, micro.attention_mask, width, temperature, chunk_size=chunk_size
-                )
+                    model, micro.input_ids, micro.attention_mask, width, temperature, chunk_size=chunk_size,
+                    padding_free=padding_free,
+                )  # fmt: skip
             logprobs[index.to(logprobs.device), :width] = out.logprobs
             if routing is not None:
                 recorded.append((index, batch.prompt_width - micro.prompt_width, routing.recorded()))
@@ -153,6 +156,7 @@ class PreUpdatePass:
         record_routing: record pi_old's experts (Routing Replay, or the routing-change metric off-policy).
         chunk_size: response tokens per chunk of the output projection (``training.logprobs``).
         micro_batch_tokens: real-token budget of a micro-batch (overrides ``micro_batch_size``).
+        padding_free: forward the real tokens packed into one row (``training.logprobs``).
     """
 
     def __init__(
@@ -168,6 +172,7 @@ class PreUpdatePass:
         record_routing: bool = False,
         chunk_size: int | None = 1024,
         micro_batch_tokens: int | None = None,
+        padding_free: bool = False,
     ) -> None:
         if old_logprobs == "rollout" and mismatch_correction is not None:
             raise ValueError("old_logprobs='rollout' makes pi_old the engine's: there is no mismatch to correct.")
@@ -180,6 +185,7 @@ class PreUpdatePass:
         self.record_routing = record_routing
         self.chunk_size = chunk_size
         self.micro_batch_tokens = micro_batch_tokens
+        self.padding_free = padding_free
         needs_trainer_old = self.kl is not None or mismatch_correction is not None
         self.source = old_logprob_source(old_logprobs, on_policy, needs_trainer_old)
 
@@ -240,7 +246,7 @@ class PreUpdatePass:
     ) -> tuple[Tensor, Tensor | None]:
         return no_grad_logprobs(
             model, batch, self.temperature, self.micro_batch_size, routing, self.chunk_size,
-            self.micro_batch_tokens, agree,
+            self.micro_batch_tokens, agree, self.padding_free,
         )  # fmt: skip
 
     def _mismatch(self, batch: RolloutBatch, old: Tensor | None) -> tuple[Tensor | None, dict[str, float]]:

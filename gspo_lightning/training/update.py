@@ -28,6 +28,7 @@ class PolicyLoss:
         entropy_coef: weight of the entropy bonus (0: the entropy is only logged, without gradient).
         router_aux_loss_coef: weight of an MoE model's load-balancing loss (0: off).
         chunk_size: response tokens per chunk of the output projection (``training.logprobs``).
+        padding_free: forward the real tokens packed into one row (``training.logprobs``).
     """
 
     def __init__(
@@ -37,9 +38,10 @@ class PolicyLoss:
         entropy_coef: float = 0.0,
         router_aux_loss_coef: float = 0.0,
         chunk_size: int | None = 1024,
+        padding_free: bool = False,
     ) -> None:
         self.objective = objective
-        self.chunk_size = chunk_size
+        self.chunk_size, self.padding_free = chunk_size, padding_free
         self.temperature = temperature
         self.entropy_coef = entropy_coef
         self.router_aux_loss_coef = router_aux_loss_coef
@@ -75,6 +77,7 @@ class PolicyLoss:
             entropy_grad=self.entropy_coef > 0,
             output_router_logits=want_router,
             chunk_size=self.chunk_size,
+            padding_free=self.padding_free,
         )
         # exactly on-policy there is no pi_old pass: pi_old = pi_theta, detached
         old = micro.old_logprobs if micro.old_logprobs is not None else out.logprobs.detach()
@@ -94,7 +97,7 @@ class PolicyLoss:
                 loss = loss + self.router_aux_loss_coef * aux * len(micro) / max(counts.num_seqs, 1.0)
                 metrics["moe/aux_loss"] = aux.detach().float()
             if router_stats is not None:
-                router_stats.add(out.router_logits, micro.attention_mask)
+                router_stats.add(out.router_logits, out.router_token_mask)
         if measure_routing_change and routing is not None and micro.routing is not None and routing.mode != "off":
             metrics["moe/routing_change_frac"] = routing_change_frac(micro.routing, routing.chosen(), mask)
         metrics["policy/loss"] = loss.detach().float()

@@ -106,3 +106,25 @@ def test_a_changed_last_prompt_position_moves_the_first_log_prob_and_the_metric(
 def test_dense_models_are_refused(tiny_path):
     with pytest.raises(ValueError, match="no top-k router"):
         RoutingController(torch.nn.Linear(2, 2))
+
+
+def test_padding_free_records_and_replays_the_same_routes(tiny_path, rollout):
+    # pi_old's routes recorded padding-free equal the padded pass's at every real position, and replaying them
+    # in a packed update forward forces exactly those experts and gives the padded path's loss and metrics
+    padded_module = _module(tiny_path, routing_replay=True, mini_batches=2)
+    packed_module = _module(tiny_path, routing_replay=True, mini_batches=2, padding_free=True)
+    packed_module.policy.load_state_dict(padded_module.policy.state_dict())
+    padded, packed = prepared(padded_module, rollout), prepared(packed_module, rollout)
+    real = padded.attention_mask.bool()[:, None, :, None].expand_as(padded.routing)
+    assert torch.equal(packed.routing[real], padded.routing[real])
+    assert (packed.routing[~real] == 0).all()
+    torch.testing.assert_close(packed.old_logprobs, padded.old_logprobs, rtol=1e-5, atol=1e-5)
+    results = []
+    for module, batch in ((padded_module, padded), (packed_module, packed)):
+        _perturb(module.policy)
+        batch.advantages = torch.linspace(-1, 1, len(batch))
+        results.append(_step(module, batch))
+        assert torch.equal(module.routing.recorded()[real], batch.routing[real])  # replayed as recorded
+    for name in ("policy/loss", "moe/routing_change_frac", "policy/entropy"):
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-5, atol=1e-5)
+    assert results[0]["moe/routing_change_frac"] > 0

@@ -119,3 +119,50 @@ def test_models_with_transformed_logits_fall_back_to_their_own_logits(caplog):
     hook.remove()
     assert rows == [torch.Size([3, 6, 50])]  # one call over the whole (N, T+1) block: the model's own logits
     assert "computing full-vocabulary logits instead" in caplog.text
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("model_kind", ["moe", "dense-tied"])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_padding_free_packing_equals_the_padded_path(tiny_model, model_kind, chunk_size, attn_impl):
+    # one row of real tokens, position ids restarting per sequence: same log-probs, entropies, gradients, aux loss
+    model = tiny_model if model_kind == "moe" else _dense(True)
+    model.config._attn_implementation = attn_impl
+    model.train()
+    ids, attn = _padded_batch(model.config.vocab_size)
+    results = []
+    for packed in (False, True):
+        model.zero_grad()
+        out = response_logprobs(
+            model, ids, attn, 5, temperature=0.7, with_entropy=True, entropy_grad=True, chunk_size=chunk_size,
+            output_router_logits=model_kind == "moe", padding_free=packed,
+        )  # fmt: skip
+        (out.logprobs.sum() + 0.1 * out.entropy.sum()).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((out, grads))
+    (padded, g_padded), (packed, g_packed) = results
+    torch.testing.assert_close(packed.logprobs, padded.logprobs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.entropy, padded.entropy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_packed, g_padded, rtol=1e-4, atol=1e-5)
+    if model_kind == "moe":
+        torch.testing.assert_close(packed.aux_loss, padded.aux_loss, rtol=1e-5, atol=1e-6)
+        real = attn.reshape(-1)
+        for a, b, mask in zip(packed.router_logits, padded.router_logits, [packed.router_token_mask] * 99):
+            assert a.shape[0] == int(real.sum()) == int(mask.sum())  # only real tokens reached the routers
+            torch.testing.assert_close(a, b[real], rtol=1e-5, atol=1e-5)
+
+
+def test_packing_really_isolates_sequences(tiny_model):
+    # without restarting position ids (one long sequence) the log-probs would change: the test can fail
+    tiny_model.eval()
+    ids, attn = _padded_batch(tiny_model.config.vocab_size)
+    with torch.no_grad():
+        padded = response_logprobs(tiny_model, ids, attn, 5).logprobs
+        packed = response_logprobs(tiny_model, ids, attn, 5, padding_free=True).logprobs
+        real = attn.bool()
+        flat = response_logprobs(
+            tiny_model, ids[real][None], torch.ones(1, int(real.sum()), dtype=torch.bool), int(real.sum()) - 1
+        ).logprobs  # the packed row as one causal sequence: later sequences attend to earlier ones
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    assert int(attn[2, -5:].sum()) == 1  # the last sequence's one response token ends the packed row
+    assert abs(float(flat[0, -1] - padded[2, 0])) > 1e-3

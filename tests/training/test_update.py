@@ -49,13 +49,14 @@ def test_mismatch_weights_scale_the_token_losses(tiny_path, rollout):
     torch.testing.assert_close(weighted, 1.2 * unweighted)
 
 
-def test_token_budget_micro_batches_give_the_whole_batch_gradient(tiny_path, rollout):
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_token_budget_micro_batches_give_the_whole_batch_gradient(tiny_path, rollout, padding_free):
     options = dict(mini_batches=2, aggregation="seq-mean-token-mean", entropy_coef=0.01)
     whole = built_module(tiny_path, **options)
     batch = prepared(whole, rollout)
     batch.advantages = torch.linspace(-1, 1, len(batch))
     g_whole = _grads(whole, batch)
-    packed = built_module(tiny_path, **options, micro_batch_tokens=40)
+    packed = built_module(tiny_path, **options, micro_batch_tokens=40, padding_free=padding_free)
     packed.policy.load_state_dict(whole.policy.state_dict())
     parts = micro_batches(batch, tokens=40)
     assert len(parts) > 2 and any(part.input_ids.shape[1] < batch.input_ids.shape[1] for _, part in parts)
