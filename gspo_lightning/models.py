@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 BUILTIN_PREFIX = "builtin:"
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -136,3 +136,28 @@ def load_causal_lm(
         kwargs["attn_implementation"] = attn_implementation
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     return _from_pretrained(AutoModelForCausalLM, name, "model", dtype=torch_dtype, **kwargs)
+
+
+def empty_causal_lm(
+    name: str,
+    dtype: DType = "float32",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """The model :func:`load_causal_lm` would load, built from its config on the meta device: the same
+    modules, parameter names and shapes, no memory and no weights (sharded loading fills them in).
+
+    Raises:
+        FileNotFoundError: see :func:`resolve_pretrained`.
+    """
+    config = _from_pretrained(AutoConfig, name, "model", trust_remote_code=trust_remote_code)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if dtype == "auto":
+        torch_dtype = getattr(config, "dtype", None) or torch.float32
+        torch_dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+    else:
+        torch_dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **kwargs)

@@ -30,7 +30,6 @@ from gspo_lightning.datamodule import rollout_datamodule
 from gspo_lightning.evaluation import EvalResult, eval_metrics
 from gspo_lightning.models import DType
 from gspo_lightning.moe import RouterStats, moe_layout, routing_context
-from gspo_lightning.sharding import shard_fsdp2
 from gspo_lightning.training.guard import NonFiniteGuard
 from gspo_lightning.training.metrics import MetricAccumulator, response_counts, step_metrics
 from gspo_lightning.training.optim import build_optimizers
@@ -40,6 +39,7 @@ from gspo_lightning.training.policy import (
     load_policy,
     load_reference,
     routing_controller,
+    shard_from_rank0,
 )
 from gspo_lightning.training.pre_update import OldLogprobs, PreUpdatePass, is_on_policy
 from gspo_lightning.training.splits import micro_batches, mini_batch_indices
@@ -173,18 +173,23 @@ class GSPOModule(pl.LightningModule):
             return
         hp = self.hparams
         load = {k: hp[k] for k in ("model", "dtype", "trust_remote_code", "attn_implementation")}
-        self.policy = load_policy(**load, **{k: hp[k] for k in ("gradient_checkpointing", "disable_dropout")})
+        mesh = self.strategy_adapter.data_parallel_mesh(lambda: self.device_mesh) if self._trainer else None
+        empty = mesh is not None  # FSDP2: every rank builds on the meta device, rank 0 alone loads the weights
+        options = {k: hp[k] for k in ("gradient_checkpointing", "disable_dropout")}
+        self.policy = load_policy(**load, **options, empty=empty)
         self.moe = moe_layout(self.policy.config)
         args = (hp.routing_replay, hp.track_routing_change, hp.router_aux_loss_coef)
         self.routing = routing_controller(self.policy, self.moe, *args)
         if (hp.kl_coef > 0 or self.advantage.needs_ref) and not self._reference:
-            self._reference.append(load_reference(**load))
+            self._reference.append(load_reference(**load, empty=empty))
         if self._trainer is not None:
             self.strategy_adapter.check_clipping(hp.max_grad_norm)
-        mesh = self.strategy_adapter.data_parallel_mesh(lambda: self.device_mesh) if self._trainer else None
-        for model in (self.policy, self.reference) if mesh is not None else ():
+        if mesh is None:
+            return
+        for model in (self.policy, self.reference):
             if model is not None:
-                shard_fsdp2(model, mesh, hp.fsdp_mixed_precision, hp.fsdp_cpu_offload)
+                fsdp = (hp.fsdp_mixed_precision, hp.fsdp_cpu_offload)
+                shard_from_rank0(model, load, mesh, self.trainer.strategy.root_device, *fsdp)
 
     @override
     def on_fit_start(self) -> None:

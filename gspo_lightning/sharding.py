@@ -45,6 +45,35 @@ def shard_fsdp2(model: nn.Module, mesh, mixed_precision: bool = False, cpu_offlo
     return model
 
 
+def fill_from_rank0(model: nn.Module, load_full, device: torch.device, group=None) -> None:
+    """Give a model built on the meta device and sharded with :func:`shard_fsdp2` its weights, loaded on
+    global rank 0 only and sent to every rank as its shards: no other rank ever holds the full weights.
+
+    Args:
+        model: the sharded meta-device model; materialised in place on ``device``.
+        load_full: builds the full model with its weights (called on rank 0 only).
+        device: where the shards live (the CPU under CPU offload).
+        group: the process group of the mesh the model is sharded over (buffers are broadcast in it).
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    rank0 = dist.get_rank() == 0
+    full = load_full() if rank0 else None
+    weights = full.state_dict() if full is not None else {}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, weights, options=options)
+    # buffers are replicated, and non-persistent ones (rotary inv_freq) are not in any state dict
+    full_buffers = dict(full.named_buffers()) if full is not None else {}
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    for name, buffer in model.named_buffers():
+        if full is not None:
+            buffer.copy_(full_buffers[name])
+        dist.broadcast(buffer, src=src, group=group)
+    del full, weights
+
+
 def is_sharded(model: nn.Module) -> bool:
     """True when some parameter is a DTensor (FSDP2 / tensor parallel)."""
     return any(hasattr(p, "full_tensor") for p in model.parameters())

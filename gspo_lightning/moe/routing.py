@@ -87,14 +87,20 @@ class RoutingController:
             if weight.numel() == 0:
                 continue
             g = torch.Generator().manual_seed(i)
-            hidden = torch.randn(positions, weight.shape[-1], generator=g).to(weight)
+            # a model built on the meta device (sharded loading) has no values yet: the identity does not
+            # depend on them, so the check runs on random ones of the same shapes
+            tensors = {**dict(router.named_parameters()), **dict(router.named_buffers())}
+            if any(t.is_meta for t in tensors.values()):
+                tensors = {n: torch.randn(t.shape, generator=g).to(t.dtype) for n, t in tensors.items()}
+            dtype = next(iter(tensors.values())).dtype
+            hidden = torch.randn(positions, weight.shape[-1], generator=g).to(dtype)
             with self.recording(ids):
-                own = router(hidden)
+                own = torch.func.functional_call(router, tensors, (hidden,))
                 experts = self._recorded[i]
             replay = torch.zeros(1, self.num_layers, positions, experts.shape[-1], dtype=torch.long)
             replay[:, i] = experts.cpu()
             with self.replaying(ids, replay):
-                replayed = router(hidden)
+                replayed = torch.func.functional_call(router, tensors, (hidden,))
             if not torch.allclose(own[1].float(), replayed[1].float(), rtol=1e-5, atol=1e-6):
                 failed.append(f"{type(router).__name__} (MoE layer {i})")
         return failed

@@ -112,8 +112,9 @@ class ChunkedLogprobHead(nn.Module):
     """Stands in for a causal LM's output projection and returns per-token log-probs instead of logits.
 
     Called by the model's forward with its kept hidden states; ``rows`` (N, T) says which flattened row
-    predicts each response token (``_Layout``). Returns ``(N, T, 2)``: the sampled tokens' log-probs and the entropies. The wrapped head is not
-    registered as a submodule, so the model's parameters and state dict are unchanged while it stands in.
+    predicts each response token (``_Layout``). Returns ``(N, T, 2)``: the sampled tokens' log-probs and the
+    entropies. The wrapped head is not registered as a submodule, so the model's parameters and state dict
+    are unchanged while it stands in.
 
     Args:
         head: the model's output projection (``get_output_embeddings()``).

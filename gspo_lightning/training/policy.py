@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from gspo_lightning.models import DType, load_causal_lm
+from gspo_lightning.models import DType, empty_causal_lm, load_causal_lm
 from gspo_lightning.moe.layout import MoELayout
 from gspo_lightning.moe.routing import RoutingController
+from gspo_lightning.sharding import fill_from_rank0, shard_fsdp2
 
 CHECKED_OPTIONS = (
     "mini_batches", "epochs", "micro_batch_size", "micro_batch_tokens", "kl_coef", "max_grad_norm", "aggregation",
@@ -97,10 +100,12 @@ def load_policy(
     attn_implementation: str | None = None,
     gradient_checkpointing: bool = False,
     disable_dropout: bool = True,
+    empty: bool = False,
 ) -> nn.Module:
     """The policy in train mode, without KV cache (training forwards never reuse one), dropout off unless
-    ``disable_dropout`` is False (then a warning says what that does to the ratios)."""
-    policy = load_causal_lm(model, dtype, trust_remote_code, attn_implementation)
+    ``disable_dropout`` is False (then a warning says what that does to the ratios). ``empty``: built on the
+    meta device without weights (:func:`~gspo_lightning.models.empty_causal_lm`), for sharded loading."""
+    policy = (empty_causal_lm if empty else load_causal_lm)(model, dtype, trust_remote_code, attn_implementation)
     if disable_dropout:
         set_dropout_to_zero(policy)
     elif has_dropout(policy):
@@ -116,10 +121,15 @@ def load_policy(
 
 
 def load_reference(
-    model: str, dtype: DType = "float32", trust_remote_code: bool = False, attn_implementation: str | None = None
+    model: str,
+    dtype: DType = "float32",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    empty: bool = False,
 ) -> nn.Module:
-    """The frozen reference model pi_ref (eval mode, no gradient)."""
-    return load_causal_lm(model, dtype, trust_remote_code, attn_implementation).eval().requires_grad_(False)
+    """The frozen reference model pi_ref (eval mode, no gradient); ``empty`` as in :func:`load_policy`."""
+    loaded = (empty_causal_lm if empty else load_causal_lm)(model, dtype, trust_remote_code, attn_implementation)
+    return loaded.eval().requires_grad_(False)
 
 
 def routing_controller(
@@ -148,3 +158,19 @@ def routing_controller(
             " softmax over the chosen experts, which this router does not use. Set model.routing_replay: false."
         )
     return controller
+
+
+def shard_from_rank0(
+    model: nn.Module,
+    load: dict[str, Any],
+    mesh,
+    device: torch.device,
+    mixed_precision: bool = False,
+    cpu_offload: bool = False,
+) -> None:
+    """FSDP2: shard a model built with ``empty=True`` per decoder layer, then fill its shards with the weights
+    global rank 0 loads (``load_reference(**load)``: only its weights are used): peak host memory is one
+    full copy on rank 0 and a shard on every other rank, instead of a full copy on every rank."""
+    shard_fsdp2(model, mesh, mixed_precision, cpu_offload)
+    target = torch.device("cpu") if cpu_offload else device
+    fill_from_rank0(model, lambda: load_reference(**load), target, mesh.get_group())

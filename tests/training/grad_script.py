@@ -3,14 +3,17 @@
 Usage: python grad_script.py OUT_FILE DEVICES [ddp|fsdp2]. With DEVICES=2, Lightning launches a second
 process (gloo) and each rank trains on its half of the same batch, under DDP or FSDP2
 (ModelParallelStrategy, each decoder layer sharded); the saved gradient must equal the one of a single
-process that trains on the whole batch.
+process that trains on the whole batch. Each rank also writes how many times it loaded the model's
+weights (``OUT_FILE.loads<rank>``): under FSDP2 only rank 0 may.
 """
 
 import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from transformers import AutoModelForCausalLM
 
 from gspo_lightning.data import AdditionTask
 from gspo_lightning.datamodule import RolloutDataModule
@@ -19,6 +22,16 @@ from gspo_lightning.module import GSPOModule
 from gspo_lightning.rewards import FunctionReward
 
 MODEL = "builtin:tiny-qwen3-moe-random"
+LOADS: list[str] = []
+_from_pretrained = AutoModelForCausalLM.from_pretrained.__func__
+
+
+def _counting_from_pretrained(cls, name, *args, **kwargs):
+    LOADS.append(str(name))
+    return _from_pretrained(cls, name, *args, **kwargs)
+
+
+AutoModelForCausalLM.from_pretrained = classmethod(_counting_from_pretrained)
 
 
 def completion_length(prompts, completions, answers):
@@ -52,6 +65,7 @@ class CaptureGrad(GSPOModule):
                 grad = grad.full_tensor()
                 grad = grad.wait() if hasattr(grad, "wait") else grad
             grads[name] = grad.detach().clone()
+        Path(f"{self.out}.loads{self.global_rank}").write_text(str(len(LOADS)))
         if self.trainer.is_global_zero:
             torch.save(grads, self.out)
         super().on_before_optimizer_step(optimizer)

@@ -36,6 +36,9 @@ def test_fsdp2_split_over_two_ranks_gives_the_single_process_gradient(tmp_path, 
     _run([sys.executable, script, str(tmp_path / "one.pt"), "1"], tmp_path)
     _run([sys.executable, script, str(tmp_path / "two.pt"), "2", "fsdp2"], tmp_path)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    # the weights were loaded on rank 0 only and reached rank 1 as its shards (equal gradients below)
+    loads = [int((tmp_path / f"two.pt.loads{rank}").read_text()) for rank in (0, 1)]
+    assert loads == [1, 0]
     assert sum(float(g.abs().sum()) for g in one.values()) > 0
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
