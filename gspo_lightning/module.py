@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from typing_extensions import override
 
+from gspo_lightning.allocator import fix_mmap_threshold
 from gspo_lightning.batch import RolloutBatch
 from gspo_lightning.components.advantage import Advantage, GroupNormAdvantage
 from gspo_lightning.components.aggregation import AggregationMode
@@ -31,6 +32,7 @@ from gspo_lightning.evaluation import EvalResult, eval_metrics
 from gspo_lightning.models import DType
 from gspo_lightning.moe import RouterStats, moe_layout, routing_context
 from gspo_lightning.training.guard import NonFiniteGuard
+from gspo_lightning.training.logprobs import DEFAULT_CHUNK_SIZE
 from gspo_lightning.training.metrics import MetricAccumulator, response_counts, step_metrics
 from gspo_lightning.training.optim import build_optimizers
 from gspo_lightning.training.policy import (
@@ -111,7 +113,7 @@ class GSPOModule(pl.LightningModule):
         epochs: int = 1,
         micro_batch_size: int | None = None,
         micro_batch_tokens: int | None = None,
-        logprob_chunk_size: int | None = 1024,
+        logprob_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
         padding_free: bool = False,
         entropy_coef: float = 0.0,
         router_aux_loss_coef: float = 0.0,
@@ -190,6 +192,10 @@ class GSPOModule(pl.LightningModule):
             if model is not None:
                 fsdp = (hp.fsdp_mixed_precision, hp.fsdp_cpu_offload)
                 shard_from_rank0(model, load, mesh, self.trainer.strategy.root_device, *fsdp)
+
+    @override
+    def setup(self, stage: str) -> None:
+        fix_mmap_threshold()  # before the weights and the first rollout: see gspo_lightning.allocator
 
     @override
     def on_fit_start(self) -> None:

@@ -16,23 +16,28 @@ class SampledTokenLogprobs(LogitsProcessor):
     computes anyway: ``log softmax(z / tau)`` at the token chosen.
 
     A logits processor sees step t's logits before the token is chosen and, at step t + 1, the token chosen at
-    t (the last column of ``input_ids``): it keeps one step's ``(n, V)`` log-softmax, never all of them.
-    Transformers runs custom processors before its own warpers, so the logits here are the raw ones (the
-    checkpoint's own processors are switched off by the engine).
+    t (the last column of ``input_ids``). It keeps step t's logits (a reference, no copy) and their
+    ``logsumexp(z / tau)`` (n numbers), never an ``(n, V)`` log-softmax: at a 151,936-token vocabulary a
+    full-vocabulary temporary per step costs time and, through the allocator's fragmentation, memory.
+    Transformers runs custom processors before its own warpers and none of them writes into the logits in
+    place, so the logits here are the raw ones (the checkpoint's own processors are switched off by the engine).
     """
 
     def __init__(self, temperature: float) -> None:
         self.temperature = temperature
-        self.previous: Tensor | None = None
+        self.previous: tuple[Tensor, Tensor] | None = None  # step t's logits and logsumexp(z / tau)
         self.logprobs: list[Tensor] = []
 
     def _take(self, chosen: Tensor) -> None:
         if self.previous is not None:
-            self.logprobs.append(self.previous.gather(-1, chosen[:, None].to(self.previous.device)).squeeze(-1))
+            scores, lse = self.previous
+            chosen_logit = scores.gather(-1, chosen[:, None].to(scores.device)).squeeze(-1).float()
+            self.logprobs.append(chosen_logit / self.temperature - lse)
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         self._take(input_ids[:, -1])
-        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        scaled = scores.float() if self.temperature == 1.0 else scores.float() / self.temperature
+        self.previous = (scores, torch.logsumexp(scaled, dim=-1))
         return scores
 
     def finish(self, sequences: Tensor) -> Tensor:

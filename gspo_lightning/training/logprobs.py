@@ -34,6 +34,10 @@ from torch.utils.checkpoint import checkpoint
 log = logging.getLogger(__name__)
 
 # config attributes that transform logits after the output projection: the chunked head would skip them
+DEFAULT_CHUNK_SIZE = 256
+"""Response tokens per chunk of the head: (256, 151,936) fp32 is 155 MiB per temporary; at Qwen's vocabulary
+a training micro-step of 8 x 512 tokens peaked at 1.6 GiB with it, 3.8 GiB with 1,024 (benchmarks/RESULTS.md)."""
+
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
@@ -184,7 +188,7 @@ def response_logprobs(
     with_entropy: bool = False,
     entropy_grad: bool = False,
     output_router_logits: bool = False,
-    chunk_size: int | None = 1024,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     padding_free: bool = False,
 ) -> TokenLogprobs:
     """Log-probs of ``input_ids[:, -T:]`` given everything before them.

@@ -25,7 +25,7 @@ from gspo_lightning.components.kl import KL
 from gspo_lightning.components.mismatch import MismatchCorrection
 from gspo_lightning.moe.routing import RoutingController
 from gspo_lightning.ops import seq_sum
-from gspo_lightning.training.logprobs import response_logprobs
+from gspo_lightning.training.logprobs import DEFAULT_CHUNK_SIZE, response_logprobs
 from gspo_lightning.training.splits import micro_batches
 
 OldLogprobs = Literal["auto", "recompute", "rollout"]
@@ -63,7 +63,7 @@ def no_grad_logprobs(
     temperature: float,
     micro_batch_size: int | None,
     routing: RoutingController | None = None,
-    chunk_size: int | None = 1024,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     micro_batch_tokens: int | None = None,
     agree: Callable[[int], int] | None = None,
     padding_free: bool = False,
@@ -170,7 +170,7 @@ class PreUpdatePass:
         temperature: float = 1.0,
         micro_batch_size: int | None = None,
         record_routing: bool = False,
-        chunk_size: int | None = 1024,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
         micro_batch_tokens: int | None = None,
         padding_free: bool = False,
     ) -> None:

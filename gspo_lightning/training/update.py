@@ -16,7 +16,7 @@ from gspo_lightning.components.aggregation import LossCounts, aggregate, masked_
 from gspo_lightning.components.objective import PolicyObjective
 from gspo_lightning.moe.routing import RoutingController, routing_change_frac
 from gspo_lightning.moe.stats import RouterStats
-from gspo_lightning.training.logprobs import response_logprobs
+from gspo_lightning.training.logprobs import DEFAULT_CHUNK_SIZE, response_logprobs
 
 
 class PolicyLoss:
@@ -37,7 +37,7 @@ class PolicyLoss:
         temperature: float = 1.0,
         entropy_coef: float = 0.0,
         router_aux_loss_coef: float = 0.0,
-        chunk_size: int | None = 1024,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
         padding_free: bool = False,
     ) -> None:
         self.objective = objective
