@@ -304,7 +304,10 @@ def run_side(side: str, python: str, run: int, args: argparse.Namespace) -> dict
 
 
 def trl_available(python: str) -> bool:
-    probe = subprocess.run([python, "-c", "import trl"], capture_output=True, check=False)
+    try:
+        probe = subprocess.run([python, "-c", "import trl"], capture_output=True, check=False)
+    except OSError:  # no such interpreter
+        return False
     return probe.returncode == 0
 
 

@@ -76,8 +76,8 @@ class GSPOModule(pl.LightningModule):
         aggregation: how per-token losses become a scalar.
         mini_batches / epochs: optimizer steps per rollout batch and epoch; passes over each rollout batch.
         micro_batch_size: sequences per forward/backward (gradient accumulation); None = whole mini-batch.
-        micro_batch_tokens: instead, pack length-sorted sequences into micro-batches of at most this many real
-            tokens, each trimmed to its own widths (less padding when lengths vary).
+        micro_batch_tokens: instead, pack length-sorted sequences into micro-batches of at most this many
+            tokens once padded to their longest, each trimmed to its own widths (less padding when lengths vary).
         logprob_chunk_size: response tokens per chunk of the output projection (O(chunk x V) memory); None: all.
         padding_free: forward each micro-batch's real tokens packed into one row, position ids restarting per
             sequence (block-causal attention): no compute on padding; results equal the padded path's.

@@ -31,25 +31,27 @@ def micro_batch_indices(n: int, size: int | None) -> list[Tensor]:
 
 
 def token_budget_indices(lengths: Tensor, budget: int) -> list[Tensor]:
-    """Index sets of sequences packed into micro-batches of at most ``budget`` real tokens each.
+    """Index sets of sequences packed into micro-batches of at most ``budget`` tokens each, padding included.
 
-    Sequences are sorted by length (longest first, so each micro-batch holds sequences of similar length and
-    little padding once trimmed) and cut greedily where the running token count would pass the budget; a
-    sequence longer than the budget gets a micro-batch of its own. One loop step per micro-batch.
+    Sequences are sorted by length, longest first, and each micro-batch takes as many of the next ones as fit
+    in ``budget`` once padded to its first (longest) one: ``count x longest <= budget``. So a micro-batch
+    holds sequences of similar length (little padding once trimmed), its padded size, the work and memory of
+    its forward, stays within the budget, and so do its real tokens. A sequence longer than the budget gets a
+    micro-batch of its own. One loop step per micro-batch.
 
     Args:
         lengths: (n,) real tokens (prompt + response) of each sequence.
-        budget: the most real tokens a micro-batch holds.
+        budget: the most tokens, padding included, a micro-batch holds.
     """
     if budget < 1:
         raise ValueError(f"micro_batch_tokens must be >= 1, got {budget}.")
     order = torch.argsort(lengths, descending=True, stable=True)
-    ends = torch.cumsum(lengths[order], 0)
-    out, start, done = [], 0, 0
+    sorted_lengths = lengths[order].tolist()
+    out, start = [], 0
     while start < len(order):
-        stop = max(int(torch.searchsorted(ends, done + budget, right=True)), start + 1)
-        out.append(order[start:stop])
-        done, start = int(ends[stop - 1]), stop
+        count = max(budget // max(int(sorted_lengths[start]), 1), 1)
+        out.append(order[start : start + count])
+        start += count
     return out
 
 
