@@ -18,7 +18,6 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from typing_extensions import override
 
-from gspo_lightning.allocator import fix_mmap_threshold
 from gspo_lightning.batch import RolloutBatch
 from gspo_lightning.components.advantage import Advantage, GroupNormAdvantage
 from gspo_lightning.components.aggregation import AggregationMode
@@ -192,10 +191,6 @@ class GSPOModule(pl.LightningModule):
             if model is not None:
                 fsdp = (hp.fsdp_mixed_precision, hp.fsdp_cpu_offload)
                 shard_from_rank0(model, load, mesh, self.trainer.strategy.root_device, *fsdp)
-
-    @override
-    def setup(self, stage: str) -> None:
-        fix_mmap_threshold()  # before the weights and the first rollout: see gspo_lightning.allocator
 
     @override
     def on_fit_start(self) -> None:

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).parents[1] / "gspo_lightning"
 # lower layers first; a part may import from its own layer and every layer before it
 LAYERS = [
     # shared types and model-agnostic helpers
-    {"ops", "registry", "batch", "sharding", "evaluation", "rng", "allocator"},
+    {"ops", "registry", "batch", "sharding", "evaluation", "rng"},
     {"components", "moe", "data"},  # loss components, MoE plumbing, prompt sources
     {"demo"},  # the built-in demo model (built from the built-in task)
     {"models"},  # from_pretrained loading (resolves built-in names)
