@@ -131,11 +131,16 @@ def load_causal_lm(
     Raises:
         FileNotFoundError: see :func:`resolve_pretrained`.
     """
-    kwargs = {"trust_remote_code": trust_remote_code}
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    kwargs = _model_kwargs(trust_remote_code, attn_implementation)
+    return _from_pretrained(AutoModelForCausalLM, name, "model", dtype=torch_dtype, **kwargs)
+
+
+def _model_kwargs(trust_remote_code: bool, attn_implementation: str | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    return _from_pretrained(AutoModelForCausalLM, name, "model", dtype=torch_dtype, **kwargs)
+    return kwargs
 
 
 def empty_causal_lm(
@@ -151,9 +156,7 @@ def empty_causal_lm(
         FileNotFoundError: see :func:`resolve_pretrained`.
     """
     config = _from_pretrained(AutoConfig, name, "model", trust_remote_code=trust_remote_code)
-    kwargs = {"trust_remote_code": trust_remote_code}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
+    kwargs = _model_kwargs(trust_remote_code, attn_implementation)
     if dtype == "auto":
         torch_dtype = getattr(config, "dtype", None) or torch.float32
         torch_dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype

@@ -119,3 +119,16 @@ def test_a_tokenizer_only_folder_needs_no_config_json(in_tmp, tiny_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(Path(tiny_path) / name, tok_dir / name)
     assert load_tokenizer("tok").padding_side == "left"
+
+
+def test_an_empty_model_has_the_loaded_models_parameters_on_the_meta_device(tiny_path):
+    # FSDP2 builds every rank's model this way before rank 0's weights fill its shards
+    import torch
+
+    from gspo_lightning.models import empty_causal_lm, load_causal_lm
+
+    loaded, empty = load_causal_lm(tiny_path), empty_causal_lm(tiny_path)
+    shapes = {name: (p.shape, p.dtype) for name, p in loaded.state_dict().items()}
+    assert {name: (p.shape, p.dtype) for name, p in empty.state_dict().items()} == shapes
+    assert all(p.is_meta for p in empty.parameters())
+    assert empty_causal_lm(tiny_path, dtype="bfloat16").model.embed_tokens.weight.dtype == torch.bfloat16
