@@ -15,6 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+SEQUENCE_FIELDS = ("input_ids", "attention_mask", "routing_mask", "rollout_routing_mask")  # (N, P+T)
+ROUTING_FIELDS = ("routing", "rollout_routing")  # (N, L, P+T, k)
+
 
 @dataclass
 class RolloutBatch:
@@ -39,8 +42,12 @@ class RolloutBatch:
         answers: N reference answers (None where the task has none).
         prompt_index: (N,) int64, position of each prompt in its dataset (for resuming and debugging).
         metrics: scalar statistics of how the batch was made (``rollout/*``, ``time/*``), for logging.
-        routing: (N, L, P+T, k) experts chosen by pi_old's L MoE routers at every position (Routing Replay
-            and ``moe/routing_change_frac``), or None.
+        routing: (N, L, P+T, k) the experts the update's forwards replay (Routing Replay: pi_old's, recorded in
+            the pre-update pass; Rollout Routing Replay: the engine's) or compare with (``moe/routing_change_frac``),
+            or None.
+        routing_mask: (N, P+T) bool, the positions ``routing`` covers (others route naturally), or None: all.
+        rollout_routing: (N, L, P+T, k) the experts the rollout engine chose (``Generation.routes``), or None.
+        rollout_routing_mask: (N, P+T) bool, the positions the engine reported a route for, or None.
         is_weights: (N, T) rollout/trainer mismatch importance weights pi_old / pi_rollout multiplying each
             token's loss, or None (see ``components.mismatch``).
     """
@@ -62,6 +69,9 @@ class RolloutBatch:
     prompt_index: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     routing: Tensor | None = None
+    routing_mask: Tensor | None = None
+    rollout_routing: Tensor | None = None
+    rollout_routing_mask: Tensor | None = None
     is_weights: Tensor | None = None
     penalised_rewards: Tensor | None = None
 
@@ -76,6 +86,12 @@ class RolloutBatch:
             value = getattr(self, name)
             if value is not None and value.shape != (n, t):
                 raise ValueError(f"{name} must have shape (N, T) = {(n, t)}, got {tuple(value.shape)}.")
+        width = self.input_ids.shape[1]
+        for name in SEQUENCE_FIELDS[2:] + ROUTING_FIELDS:
+            value = getattr(self, name)
+            columns = 1 if name in SEQUENCE_FIELDS else 2
+            if value is not None and (value.shape[0] != n or value.shape[columns] != width):
+                raise ValueError(f"{name} must cover the N={n} rows and P+T={width} columns, got {tuple(value.shape)}.")
 
     @property
     def advantage_rewards(self) -> Tensor:
@@ -126,15 +142,16 @@ class RolloutBatch:
         width = t - int(real_response.flip(0).int().argmax()) if bool(real_response.any()) else 1
         if start == 0 and width == t:
             return self
-        seq_fields = {"input_ids", "attention_mask"}  # (N, P+T): and routing (N, L, P+T, k) on dim 2
         values: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in seq_fields:
+            if value is None:
+                pass
+            elif f.name in SEQUENCE_FIELDS:
                 value = value[:, start : p + width]
-            elif f.name == "routing" and value is not None:
+            elif f.name in ROUTING_FIELDS:
                 value = value[:, :, start : p + width]
-            elif isinstance(value, Tensor) and value.dim() >= 2 and value.shape[1] == t and f.name != "routing":
+            elif isinstance(value, Tensor) and value.dim() >= 2 and value.shape[1] == t:
                 value = value[:, :width]  # (N, T) response-aligned tensors
             values[f.name] = value
         return RolloutBatch(**values)

@@ -257,6 +257,11 @@ class RolloutDataModule(pl.LightningDataModule):
             )
         self.bind_policy(policy)
 
+    def request_routes(self) -> None:
+        """Have the engine report its MoE routes with every rollout (Rollout Routing Replay): the module calls
+        this when training starts, before the engine is bound (``RolloutEngine.request_routes``)."""
+        self.engine.request_routes()
+
     def sync_weights(self, policy: nn.Module) -> None:
         """Send the updated weights to the engine (called by the module after its optimizer steps)."""
         self.engine.sync_weights(policy)

@@ -39,10 +39,11 @@ from gspo_lightning.training.policy import (
     check_options,
     load_policy,
     load_reference,
+    replay_mode,
     routing_controller,
     shard_from_rank0,
 )
-from gspo_lightning.training.pre_update import OldLogprobs, PreUpdatePass, is_on_policy
+from gspo_lightning.training.pre_update import OldLogprobs, PreUpdatePass, ReplayMode, is_on_policy
 from gspo_lightning.training.splits import micro_batches, mini_batch_indices
 from gspo_lightning.training.strategy import StrategyAdapter
 from gspo_lightning.training.update import PolicyLoss
@@ -88,8 +89,12 @@ class GSPOModule(pl.LightningModule):
         max_nonfinite_steps: consecutive steps with a non-finite gradient (each skipped) that stop the run.
         optimizer / lr_scheduler: factories (default ``AdamW(lr=1e-6)``, constant), stepped per optimizer step.
         shuffle_mini_batches: shuffle sequences before splitting into mini-batches.
-        routing_replay: MoE Routing Replay (GSPO paper §5.3): force pi_old's experts in the update forwards.
+        routing_replay: MoE routing replay: ``"old"`` (or ``true``) forces pi_old's experts in the update forwards
+            (Routing Replay, GSPO paper §5.3, "R2"); ``"rollout"`` forces the rollout engine's in every trainer
+            forward of the batch (Rollout Routing Replay, arXiv 2510.11370, "R3"); ``"off"`` (or ``false``).
         track_routing_change: log ``moe/routing_change_frac`` (experts changed since pi_old).
+        track_rollout_routing: ask the engine for its routes and log ``moe/rollout_routing_mismatch_frac`` even
+            without ``routing_replay: rollout`` (which always logs it).
         fsdp_mixed_precision / fsdp_cpu_offload: FSDP2 options (bf16 compute with fp32 reduction; CPU offload).
     """
 
@@ -125,8 +130,9 @@ class GSPOModule(pl.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         shuffle_mini_batches: bool = True,
-        routing_replay: bool = False,
+        routing_replay: ReplayMode | bool = "off",
         track_routing_change: bool = True,
+        track_rollout_routing: bool = False,
         fsdp_mixed_precision: bool = False,
         fsdp_cpu_offload: bool = False,
     ) -> None:
@@ -136,6 +142,7 @@ class GSPOModule(pl.LightningModule):
         )
         check_options(**{k: self.hparams[k] for k in CHECKED_OPTIONS})
         kl = K3KL() if kl is None and kl_coef > 0 else kl
+        self.replay_mode = replay_mode(routing_replay)
         self.automatic_optimization = False
         self.advantage = advantage or GroupNormAdvantage()
         ratio, clip = ratio or SequenceRatio(), clip or PPOClip(3e-4, 4e-4)
@@ -148,8 +155,8 @@ class GSPOModule(pl.LightningModule):
         reward_kl = (kl, kl_coef) if kl_in_reward else (None, 0.0)
         self.pre_update = PreUpdatePass(
             self.advantage, old_logprobs, on_policy, *reward_kl, mismatch_correction, temperature, micro_batch_size,
-            record_routing=routing_replay or not on_policy, chunk_size=logprob_chunk_size,
-            micro_batch_tokens=micro_batch_tokens, padding_free=padding_free,
+            record_routing=self.replay_mode == "old" or not on_policy, chunk_size=logprob_chunk_size,
+            micro_batch_tokens=micro_batch_tokens, padding_free=padding_free, routing_replay=self.replay_mode,
         )  # fmt: skip
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.policy: torch.nn.Module | None = None
@@ -179,7 +186,7 @@ class GSPOModule(pl.LightningModule):
         options = {k: hp[k] for k in ("gradient_checkpointing", "disable_dropout")}
         self.policy = load_policy(**load, **options, empty=empty)
         self.moe = moe_layout(self.policy.config)
-        args = (hp.routing_replay, hp.track_routing_change, hp.router_aux_loss_coef)
+        args = (self.replay_mode, hp.track_routing_change or hp.track_rollout_routing, hp.router_aux_loss_coef)
         self.routing = routing_controller(self.policy, self.moe, *args)
         if (hp.kl_coef > 0 or self.advantage.needs_ref) and not self._reference:
             self._reference.append(load_reference(**load, empty=empty))
@@ -192,10 +199,17 @@ class GSPOModule(pl.LightningModule):
                 fsdp = (hp.fsdp_mixed_precision, hp.fsdp_cpu_offload)
                 shard_from_rank0(model, load, mesh, self.trainer.strategy.root_device, *fsdp)
 
+    @property
+    def wants_rollout_routes(self) -> bool:
+        """Whether the rollout engine must report its MoE routes (Rollout Routing Replay or its metric)."""
+        return self.replay_mode == "rollout" or self.hparams.track_rollout_routing
+
     @override
     def on_fit_start(self) -> None:
         if self.reference is not None:
             self.reference.to(self.device)
+        if self.wants_rollout_routes:  # before the engine is bound: vLLM decides how to report routes at build
+            rollout_datamodule(self.trainer).request_routes()
 
     @override
     def configure_optimizers(self) -> Any:
@@ -212,17 +226,23 @@ class GSPOModule(pl.LightningModule):
         batch, _, _ = next(dataloader_iter)
         start = time.perf_counter()
         batch = batch.to(self.device)
-        batch = self.pre_update(batch, self.policy, self.reference, self.routing, self._agree).apply(batch)
+        prepared = self.pre_update(batch, self.policy, self.reference, self.routing, self._agree)
+        batch = prepared.apply(batch)
         hp, adapter = self.hparams, self.strategy_adapter
         metrics, stats = MetricAccumulator(), RouterStats(self.moe.top_k) if self.moe is not None else None
+        if stats is not None and prepared.rollout_mismatch is not None:
+            stats.add_rollout_mismatch(*prepared.rollout_mismatch)
         generator = torch.Generator().manual_seed(int(self.global_step))
         skipped = 0
         for epoch in range(hp.epochs):
             for m, index in enumerate(
                 mini_batch_indices(len(batch), hp.mini_batches, hp.shuffle_mini_batches, generator)
             ):
-                # the first mini-batch runs on pi_old's weights: its routing cannot have moved yet
-                skipped += self._update(batch.select(index), metrics, stats, measure_routing=epoch + m > 0)
+                # the first mini-batch runs on pi_old's weights: its routing cannot have moved yet, and it is where
+                # the engine/trainer routing mismatch is measured when the pre-update pass ran no forward
+                first = epoch + m == 0
+                mismatch = first and prepared.rollout_mismatch is None
+                skipped += self._update(batch.select(index), metrics, stats, not first, mismatch)
         if not adapter.weights_finite(self.policy):  # before any generation or checkpoint sees them
             raise RuntimeError(
                 "An optimizer step made the policy's weights non-finite (is the learning rate too high?): stopping"
@@ -232,10 +252,16 @@ class GSPOModule(pl.LightningModule):
         rollout_datamodule(self.trainer).sync_weights(self.policy)
         batch.metrics["time/weight_sync_s"] = time.perf_counter() - sync_start
         batch.metrics["policy/skipped_steps"] = float(skipped)
+        router_stats = stats.result() if stats is not None else None
+        if router_stats is not None and router_stats.rollout_mismatch is not None:
+            batch.metrics["moe/rollout_routing_mismatch_frac"] = float(router_stats.rollout_mismatch.mean())
+            batch.metrics["moe/rollout_routing_unrouted_frac"] = float(router_stats.rollout_unrouted_frac)
         self._log_step(batch, metrics.result(adapter.reduce), time.perf_counter() - start)
-        return {"batch": batch, "router_stats": stats.result() if stats is not None else None}
+        return {"batch": batch, "router_stats": router_stats}
 
-    def _update(self, mini: RolloutBatch, metrics: MetricAccumulator, stats, measure_routing: bool) -> bool:
+    def _update(
+        self, mini: RolloutBatch, metrics: MetricAccumulator, stats, measure_routing: bool, measure_mismatch: bool
+    ) -> bool:
         """One optimizer step on a mini-batch, accumulated over its micro-batches. Returns whether it was
         skipped (non-finite gradient)."""
         adapter, optimizer, scheduler = self.strategy_adapter, self.optimizers(), self.lr_schedulers()
@@ -244,8 +270,10 @@ class GSPOModule(pl.LightningModule):
         micro = micro_batches(mini, self.hparams.micro_batch_size, self.hparams.micro_batch_tokens, self._agree)
         for j, (_, part) in enumerate(micro):
             # the routing context spans backward too: gradient checkpointing re-runs the routers
-            with adapter.backward_sync(j == len(micro) - 1, self.policy), self.routing_context(part):
-                loss, part_metrics = self.policy_loss(self.policy, part, counts, self.routing, stats, measure_routing)
+            with adapter.backward_sync(j == len(micro) - 1, self.policy), self.routing_context(part, measure_mismatch):
+                loss, part_metrics = self.policy_loss(
+                    self.policy, part, counts, self.routing, stats, measure_routing, measure_mismatch
+                )
                 self.manual_backward(loss * adapter.loss_scale)
             metrics.add_micro_batch(part_metrics, *response_counts(part.response_mask))
         optimizer.step()  # clips, or drops a non-finite gradient, in on_before_optimizer_step
@@ -260,10 +288,14 @@ class GSPOModule(pl.LightningModule):
         tokens_split = self.hparams.micro_batch_tokens is not None and self.trainer.world_size > 1
         return self.strategy_adapter.agree_max if tokens_split else None
 
-    def routing_context(self, micro: RolloutBatch):
-        """Record (or, with replay, force) pi_old's experts in forwards and backwards on ``micro``."""
+    def routing_context(self, micro: RolloutBatch, observe: bool = False):
+        """Record (or, with replay, force) the batch's experts in forwards and backwards on ``micro``; ``observe``:
+        record the routers' choice even with nothing to compare it with but the engine's routes."""
         packed = micro.attention_mask if self.hparams.padding_free else None
-        return routing_context(self.routing, micro.input_ids, micro.routing, self.hparams.routing_replay, packed)
+        replay, observe = self.replay_mode != "off", observe and micro.rollout_routing is not None
+        return routing_context(
+            self.routing, micro.input_ids, micro.routing, replay, packed, micro.routing_mask, observe
+        )
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

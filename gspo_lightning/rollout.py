@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from gspo_lightning.batch import RolloutBatch
@@ -50,6 +51,21 @@ def _cat(tensors: list[Tensor], pad_value: int | bool, left: bool = False) -> Te
         for t in tensors
     ]
     return torch.cat(padded)
+
+
+def _join_routes(groups: list[dict], prompt_width: int, response_width: int) -> tuple[Tensor | None, Tensor | None]:
+    """The groups' engine routes (n, L, P_g+T_g, k) in the batch's columns: each prompt part left-padded to
+    ``prompt_width``, each response part right-padded to ``response_width`` (padding columns unrouted)."""
+    if any(gr["routes"] is None for gr in groups):
+        return None, None
+    routes, masks = [], []
+    for gr in groups:
+        p, t = gr["prompt_ids"].shape[1], gr["response_ids"].shape[1]
+        pad = (prompt_width - p, response_width - t)
+        r, m = gr["routes"], gr["route_mask"]
+        routes.append(torch.cat([F.pad(r[:, :, :p], (0, 0, pad[0], 0)), F.pad(r[:, :, p:], (0, 0, 0, pad[1]))], 2))
+        masks.append(torch.cat([F.pad(m[:, :p], (pad[0], 0)), F.pad(m[:, p:], (0, pad[1]))], 1))
+    return torch.cat(routes), torch.cat(masks)
 
 
 class RolloutCollector:
@@ -121,6 +137,8 @@ class RolloutCollector:
                     "response_mask": generation.response_mask[rows],
                     "truncated": generation.truncated[rows],
                     "logprobs": None if generation.logprobs is None else generation.logprobs[rows],
+                    "routes": None if generation.routes is None else generation.routes[rows],
+                    "route_mask": None if generation.route_mask is None else generation.route_mask[rows],
                     "rewards": total[rows],
                     "terms": {k: v[rows] for k, v in terms.items()},
                     "completions": completions[rows],
@@ -149,6 +167,7 @@ class RolloutCollector:
         if all(gr["logprobs"] is not None for gr in groups):
             logprobs = _cat([gr["logprobs"] for gr in groups], 0).float()
         rewards = torch.cat([gr["rewards"] for gr in groups])
+        routes, route_mask = _join_routes(groups, prompt_ids.shape[1], response_ids.shape[1])
         g = self.num_samples
         batch = RolloutBatch(
             input_ids=torch.cat([prompt_ids, response_ids], 1),
@@ -157,6 +176,8 @@ class RolloutCollector:
             rewards=rewards,
             group_ids=torch.arange(len(groups)).repeat_interleave(g),
             rollout_logprobs=logprobs,
+            rollout_routing=routes,
+            rollout_routing_mask=route_mask,
             truncated=torch.cat([gr["truncated"] for gr in groups]),
             reward_terms={k: torch.cat([gr["terms"][k] for gr in groups]) for k in groups[0]["terms"]},
             prompts=[gr["prompt"].record.text for gr in groups for _ in range(g)],

@@ -17,7 +17,8 @@ class MoEMonitor(Callback):
     Reads ``outputs["router_stats"]`` (a :class:`~gspo_lightning.moe.stats.RouterStatsResult`), which
     ``GSPOModule.training_step`` returns for an MoE policy. Scalars: ``moe/load_imbalance`` and
     ``moe/router_entropy`` (means over layers), and per layer ``moe/layer_<i>/load_imbalance``,
-    ``moe/layer_<i>/router_entropy``, ``moe/layer_<i>/load_max``, ``moe/layer_<i>/load_min``; with a
+    ``moe/layer_<i>/router_entropy``, ``moe/layer_<i>/load_max``, ``moe/layer_<i>/load_min`` and, when the
+    engine reports its routes (Rollout Routing Replay), ``moe/layer_<i>/rollout_routing_mismatch_frac``; with a
     TensorBoard logger also each layer's expert load as a histogram. ``moe/aux_loss`` is logged by the
     module when ``router_aux_loss_coef > 0``. On a dense model the callback warns once and does nothing.
 
@@ -42,6 +43,8 @@ class MoEMonitor(Callback):
                 out[f"moe/layer_{i}/router_entropy"] = float(stats.router_entropy[i])
                 out[f"moe/layer_{i}/load_max"] = float(load.max())
                 out[f"moe/layer_{i}/load_min"] = float(load.min())
+                if stats.rollout_mismatch is not None:
+                    out[f"moe/layer_{i}/rollout_routing_mismatch_frac"] = float(stats.rollout_mismatch[i])
         return out
 
     @override

@@ -56,6 +56,12 @@ class Generation:
         response_mask: (N, T) bool, True on generated tokens up to and including EOS.
         truncated: (N,) bool, True where the limit was hit before EOS (finish reason "length").
         logprobs: (N, T) the engine's log-probs of the sampled tokens, or None if it does not report them.
+        routes: (N, L, P+T, k) the experts the engine's L MoE routers chose at every column of
+            ``[prompt_ids | response_ids]`` (uint8, int16 past 256 experts), only when routes were requested
+            (:meth:`RolloutEngine.request_routes`); else None. Rollout Routing Replay (R3) forces them in the
+            trainer's forwards.
+        route_mask: (N, P+T) bool, True where ``routes`` holds what the engine ran: real prompt tokens and every
+            response token the engine fed back (all but the last, whose successor was never computed).
     """
 
     prompt_ids: Tensor
@@ -64,6 +70,8 @@ class Generation:
     response_mask: Tensor
     truncated: Tensor
     logprobs: Tensor | None = None
+    routes: Tensor | None = None
+    route_mask: Tensor | None = None
 
 
 class RolloutEngine(ABC):
@@ -71,6 +79,16 @@ class RolloutEngine(ABC):
 
     def __init__(self) -> None:
         self.sampling = SamplingConfig()
+        self.return_routes = False
+
+    def request_routes(self) -> None:
+        """Report each sequence's MoE routes in every later :class:`Generation` (``routes``, ``route_mask``).
+
+        Called by the data module before the engine is bound when the trainer asks for them (Rollout Routing
+        Replay, ``model.routing_replay: rollout``). Routes cost memory (L x k small integers per position), so
+        engines collect none unless asked.
+        """
+        self.return_routes = True
 
     def configure(self, sampling: SamplingConfig, tokenizer) -> None:
         """Called once by the data module with the run's sampling settings and tokenizer.

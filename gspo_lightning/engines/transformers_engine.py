@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine, pad_left, response_mask_until_eos
+from gspo_lightning.moe.capture import GenerationRoutes
+from gspo_lightning.moe.layout import moe_layout
 from gspo_lightning.sharding import is_sharded
 
 
@@ -55,7 +59,9 @@ class TransformersEngine(RolloutEngine):
     ``num_return_sequences = G``. The policy is put in eval mode while generating and restored after. The
     model's own ``generation_config`` is ignored: only ``SamplingConfig`` shapes the rollouts. Sampled
     rollouts report each token's log-prob at the sampling temperature (:class:`SampledTokenLogprobs`), so
-    ``model.old_logprobs: rollout`` and the mismatch correction work with this engine too.
+    ``model.old_logprobs: rollout`` and the mismatch correction work with this engine too. When routes are
+    requested (:meth:`request_routes`), router hooks record the experts of every column ``generate`` runs
+    (prefill and each decode step, :class:`~gspo_lightning.moe.capture.GenerationRoutes`).
 
     Args:
         batch_size: prompts per ``generate`` call (bounds the KV-cache memory); None means all at once.
@@ -104,24 +110,28 @@ class TransformersEngine(RolloutEngine):
         # parameter generate() is not given: swap in transformers' neutral defaults so that the rollouts come
         # from the distribution the trainer's log-probs describe (softmax(logits / temperature))
         self.policy.generation_config = GenerationConfig()
-        chunks, logprob_chunks = [], []
+        chunks, logprob_chunks, route_chunks = [], [], []
         step = self.batch_size or len(prompt_ids)
+        routes = self._route_recorder()
         try:
             for start in range(0, len(prompt_ids), step):
                 recorder = SampledTokenLogprobs(s.temperature)
-                out = self.policy.generate(
-                    input_ids=ids[start : start + step].to(device),
-                    attention_mask=mask[start : start + step].to(device).long(),
-                    max_new_tokens=s.max_new_tokens,
-                    num_return_sequences=num_samples,
-                    pad_token_id=pad_id,
-                    eos_token_id=eos_ids.tolist(),
-                    use_cache=self.use_cache,
-                    synced_gpus=synced,
-                    logits_processor=LogitsProcessorList([] if greedy else [recorder]),
-                    **kwargs,
-                )
+                with routes.capture() if routes is not None else contextlib.nullcontext():
+                    out = self.policy.generate(
+                        input_ids=ids[start : start + step].to(device),
+                        attention_mask=mask[start : start + step].to(device).long(),
+                        max_new_tokens=s.max_new_tokens,
+                        num_return_sequences=num_samples,
+                        pad_token_id=pad_id,
+                        eos_token_id=eos_ids.tolist(),
+                        use_cache=self.use_cache,
+                        synced_gpus=synced,
+                        logits_processor=LogitsProcessorList([] if greedy else [recorder]),
+                        **kwargs,
+                    )
                 chunks.append(out[:, ids.shape[1] :].cpu())
+                if routes is not None:
+                    route_chunks.append(routes.result(out.shape[1]))
                 if not greedy:
                     logprob_chunks.append(recorder.finish(out))
         finally:
@@ -135,7 +145,7 @@ class TransformersEngine(RolloutEngine):
         if logprob_chunks:
             logprobs = torch.cat([nn.functional.pad(c, (0, width - c.shape[1])) for c in logprob_chunks])
             logprobs = logprobs.masked_fill(~response_mask, 0.0)
-        return Generation(
+        generation = Generation(
             prompt_ids=ids.repeat_interleave(num_samples, 0),
             prompt_mask=mask.repeat_interleave(num_samples, 0),
             response_ids=response,
@@ -143,3 +153,24 @@ class TransformersEngine(RolloutEngine):
             truncated=truncated,
             logprobs=logprobs,
         )
+        if route_chunks:
+            generation.routes, generation.route_mask = _join_routes(route_chunks, generation)
+        return generation
+
+    def _route_recorder(self) -> GenerationRoutes | None:
+        if not self.return_routes:
+            return None
+        layout = moe_layout(self.policy.config)
+        if layout is None:
+            raise ValueError("MoE routes were requested, but the policy is not a mixture of experts.")
+        return GenerationRoutes(self.policy, layout.num_experts)
+
+
+def _join_routes(chunks: list[tuple[Tensor, Tensor]], generation: Generation) -> tuple[Tensor, Tensor]:
+    """One (N, L, P+T, k) route tensor from the ``generate`` calls' own, and its mask: columns a forward ran on
+    real tokens (the prompt's, and the response's up to its end)."""
+    width = generation.prompt_ids.shape[1] + generation.response_ids.shape[1]
+    routes = torch.cat([nn.functional.pad(r, (0, 0, 0, width - r.shape[2])) for r, _ in chunks])
+    ran = torch.cat([nn.functional.pad(m, (0, width - m.shape[1])) for _, m in chunks])
+    real = torch.cat([generation.prompt_mask, generation.response_mask], dim=1)
+    return routes, ran & real

@@ -60,6 +60,7 @@ class RoutingController:
         self.mode: Mode = "off"
         self._shape: tuple[int, int] = (0, 0)  # (n, S) of the forward being recorded or replayed
         self._replay: Tensor | None = None  # (n, L, S, k)
+        self._replay_mask: Tensor | None = None  # (n * S,) bool: positions replayed (others route naturally)
         self._real: Tensor | None = None  # (n * S,) bool: the positions a packed forward runs
         self._recorded: list[Tensor | None] = [None] * len(self.routers)
         self._chosen: list[Tensor | None] = [None] * len(self.routers)
@@ -112,9 +113,13 @@ class RoutingController:
             logits, weights, experts = output
             self._chosen[layer] = self._unpack(experts)  # the router's own choice, even under replay
             if self.mode == "replay":
+                own = experts
                 experts = self._replay[:, layer].reshape(-1, self._replay.shape[-1])
                 experts = experts[self._real] if self._real is not None else experts
                 experts = experts.to(device=logits.device, dtype=torch.long)
+                if self._replay_mask is not None:
+                    keep = self._replay_mask[self._real] if self._real is not None else self._replay_mask
+                    experts = torch.where(keep[:, None].to(logits.device), experts, own.long())
                 probs = torch.softmax(logits.float(), dim=-1)
                 weights = probs.gather(-1, experts)
                 if getattr(module, "norm_topk_prob", True):
@@ -145,20 +150,24 @@ class RoutingController:
             yield
 
     @contextmanager
-    def replaying(self, input_ids: Tensor, experts: Tensor, packed: Tensor | None = None) -> Iterator[None]:
+    def replaying(
+        self, input_ids: Tensor, experts: Tensor, packed: Tensor | None = None, mask: Tensor | None = None
+    ) -> Iterator[None]:
         """Force ``experts`` (n, L, S, k) in forwards on ``input_ids`` (n, S), backward recomputation included;
-        ``packed`` as in :meth:`recording`."""
+        ``packed`` as in :meth:`recording`; ``mask`` (n, S) bool: the positions to force (None: all), the
+        others keep the router's own choice."""
         if experts.shape[:3] != (input_ids.shape[0], self.num_layers, input_ids.shape[1]):
             raise ValueError(
                 f"Recorded routing of shape {tuple(experts.shape)} does not match {input_ids.shape[0]} sequences x"
                 f" {self.num_layers} MoE layers x {input_ids.shape[1]} positions."
             )
         self._replay = experts
+        self._replay_mask = mask.reshape(-1).bool() if mask is not None else None
         try:
             with self._mode("replay", input_ids, packed):
                 yield
         finally:
-            self._replay = None
+            self._replay, self._replay_mask = None, None
 
     @contextmanager
     def _mode(self, mode: Mode, input_ids: Tensor, packed: Tensor | None) -> Iterator[None]:
@@ -195,34 +204,67 @@ def routing_context(
     experts: Tensor | None,
     replay: bool,
     packed: Tensor | None = None,
+    mask: Tensor | None = None,
+    observe: bool = False,
 ) -> AbstractContextManager[None]:
     """The routing context of a forward (and its backward) on ``input_ids`` (n, S).
 
-    Replays ``experts`` (n, L, S, k) when ``replay``, else records the experts chosen, so that
-    :func:`routing_change_frac` can compare them with ``experts``. A no-op for a dense model (no controller)
-    or when nothing was recorded for this batch (``experts`` is None). ``packed``: the attention mask of a
-    padding-free forward (:meth:`RoutingController.recording`).
+    Replays ``experts`` (n, L, S, k) when ``replay`` (at the positions of ``mask`` (n, S), None: all), else
+    records the experts chosen so that :func:`routing_change_frac` can compare them with ``experts``. A no-op
+    for a dense model (no controller) or when there is nothing to replay or compare with (``experts`` is None)
+    unless ``observe`` (record anyway: the rollout-routing mismatch reads the routers' choice). ``packed``: the
+    attention mask of a padding-free forward (:meth:`RoutingController.recording`).
     """
-    if controller is None or experts is None:
+    if controller is None:
         return nullcontext()
-    if replay:
-        return controller.replaying(input_ids, experts, packed)
-    return controller.recording(input_ids, packed)
+    if replay and experts is not None:
+        return controller.replaying(input_ids, experts, packed, mask)
+    if experts is not None or observe:
+        return controller.recording(input_ids, packed)
+    return nullcontext()
+
+
+def _changed_sets(old: Tensor, new: Tensor, t: int) -> Tensor:
+    """(n, L, T) whether the top-k expert *set* differs at the positions whose logits predict the T response
+    tokens: the log-prob of response token j is computed at position P-1+j, so the positions compared are
+    P-1 .. P+T-2, the last prompt position up to the second-to-last response one."""
+    old_sorted = old[:, :, -t - 1 : -1].long().sort(-1).values
+    new_sorted = new[:, :, -t - 1 : -1].to(old.device).long().sort(-1).values
+    return (old_sorted != new_sorted).any(-1)
 
 
 def routing_change_frac(old: Tensor, new: Tensor, response_mask: Tensor) -> Tensor:
-    """Fraction of (response token, MoE layer) pairs whose top-k expert *set* differs.
-
-    The log-prob of response token j is computed at position P-1+j (the logits there predict it), so the
-    positions compared are P-1 .. P+T-2: the last prompt position up to the second-to-last response one.
+    """Fraction of (response token, MoE layer) pairs whose top-k expert *set* differs (:func:`_changed_sets`).
 
     Args:
         old, new: (n, L, S, k) experts, S = prompt width P + response width T.
         response_mask: (n, T) bool.
     """
-    t = response_mask.shape[1]
-    old_sorted = old[:, :, -t - 1 : -1].long().sort(-1).values
-    new_sorted = new[:, :, -t - 1 : -1].long().sort(-1).values
-    changed = (old_sorted != new_sorted).any(-1)  # (n, L, T)
+    changed = _changed_sets(old, new, response_mask.shape[1])
     mask = response_mask.bool()[:, None, :].expand_as(changed)
     return (changed & mask).sum().float() / mask.sum().clamp(min=1).float()
+
+
+def rollout_mismatch_counts(
+    engine: Tensor, engine_mask: Tensor, trainer: Tensor, response_mask: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """How often the trainer's routers disagree with the rollout engine's, per MoE layer.
+
+    Compares, at the positions that produce the response tokens' log-probs (:func:`_changed_sets`), the
+    engine's top-k expert set with the one the trainer's router chose itself (its own choice, also while
+    replaying the engine's).
+
+    Args:
+        engine: (n, L, S, k) the engine's experts; engine_mask: (n, S) bool, the positions it reported.
+        trainer: (n, L, S, k) the experts the trainer's routers chose.
+        response_mask: (n, T) bool.
+
+    Returns:
+        (L,) differing (position, layer) pairs per layer, the number of routed positions compared (per layer),
+        and the number of response positions the engine reported no route for.
+    """
+    t = response_mask.shape[1]
+    response = response_mask.bool()
+    routed = engine_mask[:, -t - 1 : -1].to(response.device).bool() & response  # (n, T)
+    changed = _changed_sets(engine.to(response.device), trainer, t) & routed[:, None, :]
+    return changed.sum((0, 2)), routed.sum(), (response & ~routed).sum()

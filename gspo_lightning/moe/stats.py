@@ -21,11 +21,17 @@ class RouterStatsResult:
         load: (L, E) fraction of routed slots per expert per layer (rows sum to 1).
         load_imbalance: (L,) max load / mean load (1 is perfectly balanced).
         router_entropy: (L,) mean entropy of the router distribution over real tokens, in nats.
+        rollout_mismatch: (L,) fraction of the response's (position, layer) pairs whose top-k expert set the
+            trainer's router chose differently from the rollout engine (``moe.routing.rollout_mismatch_counts``),
+            or None when the engine reported no routes.
+        rollout_unrouted_frac: fraction of response positions the engine reported no route for, or None.
     """
 
     load: Tensor
     load_imbalance: Tensor
     router_entropy: Tensor
+    rollout_mismatch: Tensor | None = None
+    rollout_unrouted_frac: float | None = None
 
 
 class RouterStats:
@@ -40,6 +46,8 @@ class RouterStats:
         self._counts: Tensor | None = None  # (L, E) routed slots per expert
         self._entropy: Tensor | None = None  # (L,) summed entropy over real tokens
         self._tokens = 0.0
+        self._mismatch: Tensor | None = None  # (L,) differing (position, layer) pairs
+        self._routed = self._unrouted = 0.0
 
     def add(self, router_logits: tuple[Tensor, ...], token_mask: Tensor) -> None:
         """Add one forward's routing.
@@ -60,6 +68,13 @@ class RouterStats:
         self._entropy = entropy_t if self._entropy is None else self._entropy + entropy_t
         self._tokens += float(mask.sum())
 
+    def add_rollout_mismatch(self, differing: Tensor, routed: Tensor, unrouted: Tensor) -> None:
+        """Add the counts of :func:`~gspo_lightning.moe.routing.rollout_mismatch_counts` for some sequences."""
+        differing = differing.detach().float().cpu()
+        self._mismatch = differing if self._mismatch is None else self._mismatch + differing
+        self._routed += float(routed)
+        self._unrouted += float(unrouted)
+
     def result(self) -> RouterStatsResult | None:
         """The statistics of everything added so far, or None when nothing was."""
         if self._counts is None or self._entropy is None:
@@ -69,4 +84,8 @@ class RouterStats:
             load=load,
             load_imbalance=load.max(-1).values * load.shape[-1],
             router_entropy=self._entropy / max(self._tokens, 1.0),
+            rollout_mismatch=None if self._mismatch is None else self._mismatch / max(self._routed, 1.0),
+            rollout_unrouted_frac=(
+                None if self._mismatch is None else self._unrouted / max(self._routed + self._unrouted, 1.0)
+            ),
         )

@@ -13,6 +13,7 @@ from gspo_lightning.models import DType, empty_causal_lm, load_causal_lm
 from gspo_lightning.moe.layout import MoELayout
 from gspo_lightning.moe.routing import RoutingController
 from gspo_lightning.sharding import fill_from_rank0, shard_fsdp2
+from gspo_lightning.training.pre_update import ReplayMode
 
 CHECKED_OPTIONS = (
     "mini_batches", "epochs", "micro_batch_size", "micro_batch_tokens", "kl_coef", "max_grad_norm", "aggregation",
@@ -132,10 +133,26 @@ def load_reference(
     return loaded.eval().requires_grad_(False)
 
 
+def replay_mode(routing_replay: ReplayMode | bool) -> ReplayMode:
+    """``model.routing_replay`` as one of ``"off" | "old" | "rollout"`` (``true`` is ``"old"``, ``false`` ``"off"``).
+
+    Raises:
+        ValueError: any other value.
+    """
+    if isinstance(routing_replay, bool):
+        return "old" if routing_replay else "off"
+    if routing_replay not in ("off", "old", "rollout"):
+        raise ValueError(
+            f"model.routing_replay={routing_replay!r}: use off, old (pi_old's routes, R2) or rollout (the engine's"
+            " routes, R3)."
+        )
+    return routing_replay
+
+
 def routing_controller(
-    policy: nn.Module, moe: MoELayout | None, replay: bool, track_change: bool, aux_loss_coef: float
+    policy: nn.Module, moe: MoELayout | None, replay: ReplayMode, track: bool, aux_loss_coef: float
 ) -> RoutingController | None:
-    """The policy's routing controller when replay or the routing-change metric needs one, else None.
+    """The policy's routing controller when replay or a routing metric (``track``) needs one, else None.
 
     Raises:
         ValueError: an MoE option was set for a dense model, or replay would change this model's routing
@@ -144,18 +161,18 @@ def routing_controller(
     if moe is None:
         if aux_loss_coef > 0:
             raise ValueError("router_aux_loss_coef > 0, but the model is not a mixture of experts.")
-        if replay:
-            raise ValueError("routing_replay=True, but the model is not a mixture of experts.")
+        if replay != "off":
+            raise ValueError(f"routing_replay={replay}, but the model is not a mixture of experts.")
         return None
-    if not (replay or track_change):
+    if replay == "off" and not track:
         return None
     controller = RoutingController(policy)
-    failed = controller.routers_replay_unchanged() if replay else []
+    failed = controller.routers_replay_unchanged() if replay != "off" else []
     if failed:
         raise ValueError(
             f"routing_replay: replaying a model's own routing changes it for {failed[0]}"
             f"{f' and {len(failed) - 1} more' if len(failed) > 1 else ''}: replay recomputes routing weights as a"
-            " softmax over the chosen experts, which this router does not use. Set model.routing_replay: false."
+            " softmax over the chosen experts, which this router does not use. Set model.routing_replay: off."
         )
     return controller
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,10 +22,14 @@ from gspo_lightning.batch import RolloutBatch
 from gspo_lightning.components.advantage import Advantage
 from gspo_lightning.components.kl import KL
 from gspo_lightning.components.mismatch import MismatchCorrection
-from gspo_lightning.moe.routing import RoutingController
+from gspo_lightning.moe.routing import RoutingController, rollout_mismatch_counts, routing_context
 from gspo_lightning.ops import seq_sum
 from gspo_lightning.training.logprobs import DEFAULT_CHUNK_SIZE, response_logprobs
 from gspo_lightning.training.splits import micro_batches
+
+ReplayMode = Literal["off", "old", "rollout"]
+"""Routing Replay (``model.routing_replay``): none, pi_old's routes (R2, GSPO paper §5.3), or the rollout
+engine's (R3, arXiv 2510.11370)."""
 
 OldLogprobs = Literal["auto", "recompute", "rollout"]
 """The user's choice (``model.old_logprobs``)."""
@@ -67,14 +70,17 @@ def no_grad_logprobs(
     micro_batch_tokens: int | None = None,
     agree: Callable[[int], int] | None = None,
     padding_free: bool = False,
+    replay: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the batch's responses in eval mode (no dropout), one micro-batch at a time.
 
     Micro-batches are cut as in the update (``training.splits.micro_batches``: by sequence count or token
     budget, each trimmed to its own widths) and their results put back in the batch's order and widths.
+    With ``routing`` the routers' choices are recorded; with ``replay`` too, the batch's ``routing`` is forced
+    (at ``routing_mask``) while the routers' own choices are still read.
 
     Returns:
-        (N, T) log-probs, and with ``routing`` the (N, L, P+T, k) experts the model chose (else None).
+        (N, T) log-probs, and with ``routing`` the (N, L, P+T, k) experts the routers chose (else None).
     """
     was_training = model.training
     model.eval()
@@ -85,14 +91,14 @@ def no_grad_logprobs(
         for index, micro in micro_batches(batch, micro_batch_size, micro_batch_tokens, agree):
             width = micro.response_mask.shape[1]
             packed = micro.attention_mask if padding_free else None
-            with routing.recording(micro.input_ids, packed) if routing is not None else nullcontext():
+            with routing_context(routing, micro.input_ids, micro.routing, replay, packed, micro.routing_mask, True):
                 out = response_logprobs(
                     model, micro.input_ids, micro.attention_mask, width, temperature, chunk_size=chunk_size,
                     padding_free=padding_free,
                 )  # fmt: skip
             logprobs[index.to(logprobs.device), :width] = out.logprobs
             if routing is not None:
-                recorded.append((index, batch.prompt_width - micro.prompt_width, routing.recorded()))
+                recorded.append((index, batch.prompt_width - micro.prompt_width, routing.chosen()))
     finally:
         model.train(was_training)
     if routing is None:
@@ -113,7 +119,11 @@ class PreUpdateResult:
         advantages: (N,) or (N, T).
         old_logprobs: pi_old's log-probs, or None when the source is ``"none"``.
         ref_logprobs: the reference model's log-probs, or None without a reference model.
-        routing: pi_old's experts, or None when not recorded.
+        routing: the experts the update replays or compares with: pi_old's (recorded here) or, with Rollout
+            Routing Replay, the engine's; None when neither.
+        routing_mask: the positions ``routing`` covers (Rollout Routing Replay: those the engine reported).
+        rollout_mismatch: :func:`~gspo_lightning.moe.routing.rollout_mismatch_counts` of pi_old's routers
+            against the engine's routes, when this pass ran them on a batch with engine routes; else None.
         is_weights: the mismatch correction's importance weights, or None.
         penalised_rewards: rewards less the KL penalty, or None when the KL term is not in the reward.
         metrics: ``time/*``, ``sampling/*`` and ``rollout/kl_penalty_mean`` scalars.
@@ -123,6 +133,8 @@ class PreUpdateResult:
     old_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None
     routing: Tensor | None = None
+    routing_mask: Tensor | None = None
+    rollout_mismatch: tuple[Tensor, Tensor, Tensor] | None = None
     is_weights: Tensor | None = None
     penalised_rewards: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -135,6 +147,7 @@ class PreUpdateResult:
             old_logprobs=self.old_logprobs,
             ref_logprobs=self.ref_logprobs,
             routing=self.routing,
+            routing_mask=self.routing_mask,
             is_weights=self.is_weights,
             penalised_rewards=self.penalised_rewards,
             metrics={**batch.metrics, **self.metrics},
@@ -154,6 +167,8 @@ class PreUpdatePass:
         temperature: the sampling temperature (the log-probs describe the sampled distribution).
         micro_batch_size: sequences per no-grad forward (None: the whole batch).
         record_routing: record pi_old's experts (Routing Replay, or the routing-change metric off-policy).
+        routing_replay: ``"rollout"`` (R3) forces the engine's routes in this pass too, and hands them to the
+            update instead of pi_old's (``RolloutBatch.rollout_routing``, required then).
         chunk_size: response tokens per chunk of the output projection (``training.logprobs``).
         micro_batch_tokens: real-token budget of a micro-batch (overrides ``micro_batch_size``).
         padding_free: forward the real tokens packed into one row (``training.logprobs``).
@@ -173,6 +188,7 @@ class PreUpdatePass:
         chunk_size: int | None = DEFAULT_CHUNK_SIZE,
         micro_batch_tokens: int | None = None,
         padding_free: bool = False,
+        routing_replay: ReplayMode = "off",
     ) -> None:
         if old_logprobs == "rollout" and mismatch_correction is not None:
             raise ValueError("old_logprobs='rollout' makes pi_old the engine's: there is no mismatch to correct.")
@@ -186,6 +202,7 @@ class PreUpdatePass:
         self.chunk_size = chunk_size
         self.micro_batch_tokens = micro_batch_tokens
         self.padding_free = padding_free
+        self.replay_rollout = routing_replay == "rollout"
         needs_trainer_old = self.kl is not None or mismatch_correction is not None
         self.source = old_logprob_source(old_logprobs, on_policy, needs_trainer_old)
 
@@ -201,8 +218,22 @@ class PreUpdatePass:
         ``agree`` makes every rank run as many micro-batches (``training.splits.micro_batches``)."""
         metrics: dict[str, float] = {}
         start = time.perf_counter()
-        old, experts = self._old_logprobs(batch, policy, routing if self.record_routing else None, agree)
+        if self.replay_rollout:
+            if batch.rollout_routing is None:
+                raise ValueError(
+                    "routing_replay: rollout needs the engine's MoE routes, and this batch has none: train with"
+                    " GSPOModule and RolloutDataModule (which ask the engine for them), or call"
+                    " datamodule.request_routes() before the engine is bound."
+                )
+            batch = dataclasses.replace(batch, routing=batch.rollout_routing, routing_mask=batch.rollout_routing_mask)
+        old, chosen = self._old_logprobs(batch, policy, routing, agree)
         metrics["time/old_logprob_s"] = time.perf_counter() - start
+        mismatch = None
+        if chosen is not None and batch.rollout_routing is not None:
+            mismatch = rollout_mismatch_counts(
+                batch.rollout_routing, batch.rollout_routing_mask, chosen, batch.response_mask
+            )
+        experts = batch.routing if self.replay_rollout else chosen
         is_weights, mismatch_metrics = self._mismatch(batch, old)
         metrics.update(mismatch_metrics)
         start = time.perf_counter()
@@ -223,6 +254,8 @@ class PreUpdatePass:
             old_logprobs=old,
             ref_logprobs=ref,
             routing=experts,
+            routing_mask=batch.routing_mask if self.replay_rollout else None,
+            rollout_mismatch=mismatch,
             is_weights=is_weights,
             penalised_rewards=penalised,
             metrics=metrics,
@@ -231,13 +264,17 @@ class PreUpdatePass:
     def _old_logprobs(
         self, batch: RolloutBatch, policy: nn.Module, routing: RoutingController | None, agree: Callable | None
     ) -> tuple[Tensor | None, Tensor | None]:
-        """pi_old's log-probs from the resolved source, and its experts when recording."""
+        """pi_old's log-probs from the resolved source, and the experts its routers chose when it ran with
+        ``routing`` (under Rollout Routing Replay, while forced to the engine's)."""
         if self.source == "rollout" and batch.rollout_logprobs is None:
             raise ValueError("old_logprobs='rollout' needs an engine that reports log-probs (e.g. VLLMEngine).")
+        observe = self.record_routing or self.replay_rollout or batch.rollout_routing is not None
+        routing = routing if observe else None
         if self.source == "trainer":
             return self._logprobs(policy, batch, routing, agree)
         experts = None
-        if routing is not None:  # replay or the routing metric need pi_old's experts even without its log-probs
+        if routing is not None and self.record_routing and not self.replay_rollout:
+            # Routing Replay or the routing metric need pi_old's experts even without its log-probs
             _, experts = self._logprobs(policy, batch, routing, agree)
         return (batch.rollout_logprobs if self.source == "rollout" else None), experts
 
@@ -246,7 +283,7 @@ class PreUpdatePass:
     ) -> tuple[Tensor, Tensor | None]:
         return no_grad_logprobs(
             model, batch, self.temperature, self.micro_batch_size, routing, self.chunk_size,
-            self.micro_batch_tokens, agree, self.padding_free,
+            self.micro_batch_tokens, agree, self.padding_free, replay=self.replay_rollout,
         )  # fmt: skip
 
     def _mismatch(self, batch: RolloutBatch, old: Tensor | None) -> tuple[Tensor | None, dict[str, float]]:

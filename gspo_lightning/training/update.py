@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from gspo_lightning.batch import RolloutBatch
 from gspo_lightning.components.aggregation import LossCounts, aggregate, masked_metric_mean
 from gspo_lightning.components.objective import PolicyObjective
-from gspo_lightning.moe.routing import RoutingController, routing_change_frac
+from gspo_lightning.moe.routing import RoutingController, rollout_mismatch_counts, routing_change_frac
 from gspo_lightning.moe.stats import RouterStats
 from gspo_lightning.training.logprobs import DEFAULT_CHUNK_SIZE, response_logprobs
 
@@ -54,6 +54,7 @@ class PolicyLoss:
         routing: RoutingController | None = None,
         router_stats: RouterStats | None = None,
         measure_routing_change: bool = True,
+        measure_rollout_mismatch: bool = False,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The micro-batch's loss (its share of the mini-batch loss) and its ``policy/*`` / ``moe/*`` metrics.
 
@@ -65,6 +66,9 @@ class PolicyLoss:
             router_stats: receives this forward's router logits (MoE models); None for a dense model.
             measure_routing_change: log ``moe/routing_change_frac`` (the routers' own choice against pi_old's
                 experts); off for the first mini-batch, whose weights are pi_old's, so 0 by construction.
+            measure_rollout_mismatch: add to ``router_stats`` how the routers' own choice differs from the
+                engine's routes (``moe.routing.rollout_mismatch_counts``); for forwards still on pi_old's weights
+                when the pre-update pass did not measure it.
         """
         want_router = router_stats is not None or self.router_aux_loss_coef > 0
         out = response_logprobs(
@@ -98,7 +102,11 @@ class PolicyLoss:
                 metrics["moe/aux_loss"] = aux.detach().float()
             if router_stats is not None:
                 router_stats.add(out.router_logits, out.router_token_mask)
-        if measure_routing_change and routing is not None and micro.routing is not None and routing.mode != "off":
+        observed = routing is not None and routing.mode != "off"
+        if measure_routing_change and observed and micro.routing is not None:
             metrics["moe/routing_change_frac"] = routing_change_frac(micro.routing, routing.chosen(), mask)
+        if measure_rollout_mismatch and observed and router_stats is not None and micro.rollout_routing is not None:
+            engine = (micro.rollout_routing, micro.rollout_routing_mask)
+            router_stats.add_rollout_mismatch(*rollout_mismatch_counts(*engine, routing.chosen(), mask))
         metrics["policy/loss"] = loss.detach().float()
         return loss, metrics
