@@ -46,19 +46,16 @@ class GenerationRoutes:
         if ids is None:
             ids = kwargs["inputs_embeds"]
         rows, width = ids.shape[0], ids.shape[1]
-        mask = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values")
-        if mask is not None:  # generate's mask spans every column so far, the new ones included
-            end = mask.shape[-1]
-        else:
-            end = (cache.get_seq_length() if cache is not None else 0) + width
+        mask, cache = kwargs.get("attention_mask"), kwargs.get("past_key_values")
+        seen = cache.get_seq_length() if cache is not None else 0
+        end = mask.shape[-1] if mask is not None else seen + width  # generate's mask spans every column so far
         self._steps.append((end - width, width, [None] * len(self.routers)))
         self._rows = rows
 
     def _router_hook(self, layer: int):
         def hook(module: nn.Module, inputs, output) -> None:
             if self._steps:
-                start, width, experts = self._steps[-1]
+                _, width, experts = self._steps[-1]
                 experts[layer] = output[2].detach().reshape(self._rows, width, -1).to("cpu", self.dtype)
 
         return hook
