@@ -62,3 +62,34 @@ def test_unknown_component_name_is_a_clear_error(capsys):
         cli_main(["fit", "--config", str(DEMO_CONFIG), "--model.ratio", "GSPORatio"])
     err = capsys.readouterr().err
     assert "GSPORatio" in err
+
+
+MISMATCH_AND_RECIPES = [p for d in ("mismatch", "recipes") for p in sorted((CONFIG_DIR / d).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("path", MISMATCH_AND_RECIPES, ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
+def test_mismatch_presets_and_recipes_instantiate_on_the_demo(path):
+    cli = cli_main(["--config", str(DEMO_CONFIG), "--config", str(path)], run=False)
+    correction = cli.model.pre_update.mismatch_correction
+    c = correction
+    got = None if c is None else (c.level, c.mode, c.threshold, c.rejection)
+    expected = {
+        "token_tis": ("token", "truncate", 2.0, None),
+        "icepop": ("token", "mask", 5.0, None),
+        "geo_rs": ("token", "none", 2.0, "geometric"),
+        "token_tis_geo_rs": ("token", "truncate", 2.0, "geometric"),
+        "bypass": None,
+        "gspo_r3": None,
+        "grpo_r3_token_tis": ("token", "truncate", 2.0, None),
+        "grpo_icepop": ("token", "mask", 5.0, None),
+    }[path.stem]
+    assert got == expected
+    assert cli.model.replay_mode == ("rollout" if "_r3" in path.stem else "off")
+    if path.stem == "icepop":
+        assert correction.threshold_lower == 0.5
+    if "geo_rs" in path.stem:
+        assert correction.rejection_bounds == pytest.approx((1 / 1.001, 1.001))
+    if path.stem == "bypass":
+        assert cli.model.pre_update.source == "rollout"
+    if path.stem.startswith("grpo"):
+        assert type(cli.model.objective.ratio).__name__ == "TokenRatio" and cli.model.objective.clip.eps_low == 0.2

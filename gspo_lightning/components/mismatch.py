@@ -13,10 +13,20 @@ IcePop (Ling team) and Liu et al. 2025, "When Speed Kills Stability", mask inste
 
     w_it = exp(old_it - rollout_it) * 1[C_low <= exp(old_it - rollout_it) <= C]      (token MIS)
 
+IcePop (Ling team, Ring-1T, arXiv 2510.18855) is token MIS with bounds ``[0.5, 5]``.
+
 At sequence level the weight is the product of the token ratios, ``w_i = exp(sum_t m_it (old_it -
 rollout_it))``, broadcast to the sequence's tokens; ``geometric`` uses the length-normalised
 ``exp(mean_t ...)``, the same normalisation as GSPO's sequence ratio, so that the bound does not depend
 on the response length.
+
+Rejection sampling (RS, verl's ``rollout_rs``; Liu, Li et al. 2025, "When Speed Kills Stability") is a
+0/1 mask applied on top of (or, with ``mode="none"``, instead of) the weight, at its own level and bounds:
+
+    w_it <- w_it * 1[R_low <= r_it <= R]       r at ``rejection`` level (token / sequence / geometric)  (RS)
+
+A geometric-mean sequence mask (``rejection="geometric"``, bounds close to 1 such as ``[1/1.001, 1.001]``)
+drops whole sequences whose average per-token mismatch is large, whatever their length.
 
 Deviations and choices, compared with TRL (``vllm_importance_sampling_mode`` = token/sequence x
 truncate/mask, one cap C) and verl (``rollout_is_level`` / ``rollout_is_mode`` / ``rollout_is_threshold``):
@@ -40,7 +50,7 @@ from torch import Tensor, nn
 
 LOG_WEIGHT_BOUND = 20.0  # exp(20) ~ 4.9e8: finite in float32 and far past any useful cap
 MismatchLevel = Literal["token", "sequence", "geometric"]
-MismatchMode = Literal["truncate", "mask"]
+MismatchMode = Literal["truncate", "mask", "none"]
 
 
 @dataclass
@@ -64,10 +74,13 @@ class MismatchCorrection(nn.Module):
         level: ``"token"`` (one weight per token), ``"sequence"`` (the product over the sequence) or
             ``"geometric"`` (the per-token geometric mean over the sequence).
         mode: ``"truncate"`` caps weights at ``threshold`` (TIS); ``"mask"`` zeroes weights outside
-            ``[threshold_lower, threshold]`` (MIS).
+            ``[threshold_lower, threshold]`` (MIS); ``"none"``: weight 1 (only the rejection mask applies).
         threshold: the cap C (> 1 for a correction to have room; verl's helpers default to 2, TRL's
             current default is 3).
         threshold_lower: the lower bound of mask mode; None means ``1 / threshold``.
+        rejection: level of an extra rejection mask (RS), or None for none.
+        rejection_threshold: its upper bound R (None: ``threshold``).
+        rejection_threshold_lower: its lower bound (None: ``1 / R``).
     """
 
     def __init__(
@@ -76,30 +89,36 @@ class MismatchCorrection(nn.Module):
         mode: MismatchMode = "truncate",
         threshold: float = 2.0,
         threshold_lower: float | None = None,
+        rejection: MismatchLevel | None = None,
+        rejection_threshold: float | None = None,
+        rejection_threshold_lower: float | None = None,
     ) -> None:
         super().__init__()
-        if level not in ("token", "sequence", "geometric"):
-            raise ValueError(f"level must be 'token', 'sequence' or 'geometric', got {level!r}.")
-        if mode not in ("truncate", "mask"):
-            raise ValueError(f"mode must be 'truncate' or 'mask', got {mode!r}.")
-        if threshold <= 0:
-            raise ValueError(f"threshold must be > 0, got {threshold}.")
-        lower = 1.0 / threshold if threshold_lower is None else threshold_lower
-        if not 0 <= lower <= threshold:
-            raise ValueError(f"threshold_lower must be in [0, threshold={threshold}], got {lower}.")
-        self.level = level
-        self.mode = mode
-        self.threshold = threshold
-        self.threshold_lower = lower
+        for name, value in (("level", level), ("rejection", rejection or "token")):
+            if value not in ("token", "sequence", "geometric"):
+                raise ValueError(f"{name} must be 'token', 'sequence' or 'geometric', got {value!r}.")
+        if mode not in ("truncate", "mask", "none"):
+            raise ValueError(f"mode must be 'truncate', 'mask' or 'none', got {mode!r}.")
+        if mode == "none" and rejection is None:
+            raise ValueError("mode='none' without a rejection level corrects nothing: set rejection or another mode.")
+        self.level, self.mode, self.rejection = level, mode, rejection
+        self.threshold_lower, self.threshold = _bounds("threshold", threshold, threshold_lower)
+        upper = threshold if rejection_threshold is None else rejection_threshold
+        self.rejection_bounds = _bounds("rejection_threshold", upper, rejection_threshold_lower)
 
-    def log_weights(self, diff: Tensor, mask: Tensor) -> Tensor:
-        """(N, T) log importance weights at this level, from per-token ``old - rollout`` (0 on padding)."""
-        if self.level == "token":
+    def log_weights(self, diff: Tensor, mask: Tensor, level: MismatchLevel | None = None) -> Tensor:
+        """(N, T) log importance weights at ``level`` (default: this correction's), from per-token
+        ``old - rollout`` (0 on padding)."""
+        level = level or self.level
+        if level == "token":
             return diff
         total = diff.sum(-1, keepdim=True)  # (N, 1)
-        if self.level == "geometric":
+        if level == "geometric":
             total = total / mask.sum(-1, keepdim=True).clamp(min=1).to(diff.dtype)
         return total.expand_as(diff)
+
+    def _ratio(self, diff: Tensor, mask: Tensor, level: MismatchLevel | None = None) -> Tensor:
+        return torch.exp(self.log_weights(diff, mask, level).clamp(-LOG_WEIGHT_BOUND, LOG_WEIGHT_BOUND))
 
     @torch.no_grad()
     def forward(self, old_logprobs: Tensor, rollout_logprobs: Tensor, response_mask: Tensor) -> MismatchOutput:
@@ -114,16 +133,26 @@ class MismatchCorrection(nn.Module):
         diff = torch.where(mask, old_logprobs.float() - rollout_logprobs.float(), 0.0)
         # a -inf log-prob on either side must give a bounded weight, never NaN
         diff = torch.nan_to_num(diff, nan=0.0, posinf=LOG_WEIGHT_BOUND, neginf=-LOG_WEIGHT_BOUND)
-        raw = torch.exp(self.log_weights(diff, mask).clamp(-LOG_WEIGHT_BOUND, LOG_WEIGHT_BOUND))
+        raw = self._ratio(diff, mask)
         if self.mode == "truncate":
             weights = raw.clamp(max=self.threshold)
             changed = raw > self.threshold
-        else:
+        elif self.mode == "mask":
             inside = (raw >= self.threshold_lower) & (raw <= self.threshold)
             weights = raw * inside
             changed = ~inside
+        else:
+            weights, changed = torch.ones_like(raw), torch.zeros_like(mask)
+        metrics: dict[str, Tensor] = {}
+        if self.rejection is not None:
+            ratio = self._ratio(diff, mask, self.rejection)
+            lower, upper = self.rejection_bounds
+            rejected = (ratio < lower) | (ratio > upper)
+            weights = weights * ~rejected
+            metrics["sampling/rs_rejected_frac"] = (rejected & mask).sum() / mask.sum().clamp(min=1)
         weights = torch.where(mask, weights, 0.0)
-        return MismatchOutput(weights=weights, metrics=self._metrics(diff, weights, changed, mask))
+        metrics.update(self._metrics(diff, weights, changed, mask))
+        return MismatchOutput(weights=weights, metrics=metrics)
 
     def _metrics(self, diff: Tensor, weights: Tensor, changed: Tensor, mask: Tensor) -> dict[str, Tensor]:
         count = mask.sum().clamp(min=1).float()
@@ -131,12 +160,24 @@ class MismatchCorrection(nn.Module):
         zero = abs_diff.new_zeros(1)  # keeps max/min defined for an empty batch
         real_weights = torch.where(mask, weights, torch.inf).flatten()
         weight_min = torch.cat([real_weights, zero + torch.inf]).min()
-        frac_name = "sampling/is_clipped_frac" if self.mode == "truncate" else "sampling/is_masked_frac"
-        return {
+        frac_name = {"truncate": "sampling/is_clipped_frac", "mask": "sampling/is_masked_frac"}.get(self.mode)
+        out = {
             "sampling/logprob_diff_mean": abs_diff.sum() / count,
             "sampling/logprob_diff_max": torch.cat([abs_diff, zero]).max(),
             "sampling/is_weight_mean": weights.sum() / count,
             "sampling/is_weight_max": torch.cat([weights.flatten(), zero]).max(),
             "sampling/is_weight_min": torch.where(torch.isinf(weight_min), 1.0, weight_min),
-            frac_name: (changed & mask).sum() / count,
         }
+        if frac_name is not None:
+            out[frac_name] = (changed & mask).sum() / count
+        return out
+
+
+def _bounds(name: str, upper: float, lower: float | None) -> tuple[float, float]:
+    """``(lower, upper)`` of a weight or rejection interval; ``lower`` None means ``1 / upper``."""
+    if upper <= 0:
+        raise ValueError(f"{name} must be > 0, got {upper}.")
+    low = 1.0 / upper if lower is None else lower
+    if not 0 <= low <= upper:
+        raise ValueError(f"{name}_lower must be in [0, {name}={upper}], got {low}.")
+    return low, upper

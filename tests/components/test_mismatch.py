@@ -144,3 +144,34 @@ def test_no_gradient_flows_through_the_weights():
 def test_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MismatchCorrection(**kwargs)
+
+
+def test_geometric_rejection_alone_drops_whole_sequences():
+    # per-token geometric means: row 0 exp(-1.5 / 3) = 0.607, row 1 exp(1 / 2) = 1.649; bounds [0.6, 1.6]
+    out = weights("token", "none", rejection="geometric", rejection_threshold=1.6, rejection_threshold_lower=0.6)
+    torch.testing.assert_close(out.weights, torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(out.metrics["sampling/rs_rejected_frac"], torch.tensor(2 / 5))
+    assert "sampling/is_clipped_frac" not in out.metrics and "sampling/is_masked_frac" not in out.metrics
+
+
+def test_token_tis_with_a_geometric_rejection_mask():
+    out = weights("token", "truncate", rejection="geometric", rejection_threshold=1.6, rejection_threshold_lower=0.6)
+    expected = torch.tensor([[math.exp(0.5), 1.0, math.exp(-2.0)], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(out.weights, expected)
+    # the reciprocal default lower bound 1 / 1.6 = 0.625 rejects row 0 (0.607) too
+    both = weights("token", "truncate", rejection="geometric", rejection_threshold=1.6)
+    assert both.weights.abs().sum() == 0
+
+
+def test_icepop_bounds():
+    # IcePop: token mask on [0.5, 5]: only exp(-2) = 0.135 leaves the band
+    out = weights("token", "mask", threshold=5.0, threshold_lower=0.5)
+    expected = torch.tensor([[math.exp(0.5), 1.0, 0.0], [1.0, math.e, 0.0]])
+    torch.testing.assert_close(out.weights, expected)
+
+
+def test_a_correction_that_corrects_nothing_is_refused():
+    with pytest.raises(ValueError, match="mode='none' without a rejection level"):
+        MismatchCorrection(mode="none")
+    with pytest.raises(ValueError, match="rejection_threshold_lower must be in"):
+        MismatchCorrection(rejection="token", rejection_threshold=1.5, rejection_threshold_lower=2.0)
