@@ -35,3 +35,21 @@ def test_demo_runs_with_the_grpo_preset(tmp_path):
     )
     assert report["optimizer_steps"] == 400
     assert report["after"]["val/accuracy"] >= report["before"]["val/accuracy"] - 0.05, report
+
+
+def test_demo_gains_30_points_with_rollout_routing_replay(tmp_path):
+    # R3: every trainer forward routes as the engine did (the embedded engine: the policy itself)
+    recipe = ROOT / "configs" / "recipes" / "gspo_r3.yaml"
+    report = _fit(tmp_path, "--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(recipe))
+    gain = report["after"]["val/accuracy"] - report["before"]["val/accuracy"]
+    sampled_gain = report["after"]["val/accuracy_sampled"] - report["before"]["val/accuracy_sampled"]
+    assert gain >= 0.30 and sampled_gain >= 0.30, report
+
+
+def test_demo_learns_with_the_grpo_r3_recipe(tmp_path):
+    # GRPO + R3 + token TIS, 200 rollout batches: measured greedy 29.2% -> 39.2% after 100 of them
+    recipe = ROOT / "configs" / "recipes" / "grpo_r3_token_tis.yaml"
+    demo = ROOT / "configs" / "demo.yaml"
+    report = _fit(tmp_path, "--config", str(demo), "--config", str(recipe), "--trainer.max_steps", "800")
+    assert report["optimizer_steps"] == 800
+    assert report["after"]["val/accuracy"] - report["before"]["val/accuracy"] >= 0.08, report
