@@ -58,10 +58,11 @@ class Generation:
         logprobs: (N, T) the engine's log-probs of the sampled tokens, or None if it does not report them.
         routes: (N, L, P+T, k) the experts the engine's L MoE routers chose at every column of
             ``[prompt_ids | response_ids]`` (uint8, int16 past 256 experts), only when routes were requested
-            (:meth:`RolloutEngine.request_routes`); else None. Rollout Routing Replay (R3) forces them in the
-            trainer's forwards.
+            (:meth:`RolloutEngine.request_routes`) and the rollout is sampled (greedy evaluation may skip
+            them); else None. Rollout Routing Replay (R3) forces them in the trainer's forwards.
         route_mask: (N, P+T) bool, True where ``routes`` holds what the engine ran: real prompt tokens and every
-            response token the engine fed back (all but the last, whose successor was never computed).
+            response token the engine fed back, so all but possibly the last (nothing reads the last one's
+            route: the log-prob of response token j comes from column P-1+j).
     """
 
     prompt_ids: Tensor

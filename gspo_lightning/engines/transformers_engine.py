@@ -112,7 +112,7 @@ class TransformersEngine(RolloutEngine):
         self.policy.generation_config = GenerationConfig()
         chunks, logprob_chunks, route_chunks = [], [], []
         step = self.batch_size or len(prompt_ids)
-        routes = self._route_recorder()
+        routes = None if greedy else self._route_recorder()  # greedy decoding evaluates, nothing trains on it
         try:
             for start in range(0, len(prompt_ids), step):
                 recorder = SampledTokenLogprobs(s.temperature)
