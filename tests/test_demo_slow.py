@@ -47,9 +47,9 @@ def test_demo_gains_30_points_with_rollout_routing_replay(tmp_path):
 
 
 def test_demo_learns_with_the_grpo_r3_recipe(tmp_path):
-    # GRPO + R3 + token TIS, 200 rollout batches: measured greedy 29.2% -> 39.2% after 100 of them
+    # GRPO + R3 + token TIS, 200 rollout batches: measured greedy 29.2% -> 55.4% (+26.2), sampled +18.3
     recipe = ROOT / "configs" / "recipes" / "grpo_r3_token_tis.yaml"
     demo = ROOT / "configs" / "demo.yaml"
     report = _fit(tmp_path, "--config", str(demo), "--config", str(recipe), "--trainer.max_steps", "800")
     assert report["optimizer_steps"] == 800
-    assert report["after"]["val/accuracy"] - report["before"]["val/accuracy"] >= 0.08, report
+    assert report["after"]["val/accuracy"] - report["before"]["val/accuracy"] >= 0.15, report
