@@ -45,18 +45,9 @@ def tiny_tokenizer(tiny_path):
 @pytest.fixture()
 def rollout(tiny_path, tiny_model):
     """One rollout batch of 4 addition prompts x 4 samples from the tiny random MoE."""
-    from gspo_lightning.data import AdditionTask
-    from gspo_lightning.datamodule import RolloutDataModule
-    from gspo_lightning.engines import SamplingConfig
+    from support import addition_datamodule
 
-    dm = RolloutDataModule(
-        prompts=AdditionTask(num_train=40, num_val=4),
-        tokenizer=tiny_path,
-        prompts_per_step=4,
-        num_samples=4,
-        sampling=SamplingConfig(max_new_tokens=8),
-    )
-    dm.setup("fit")
+    dm = addition_datamodule(tiny_path)
     dm.bind_policy(tiny_model)
     torch.manual_seed(0)
     return dm.next_rollout()

@@ -139,3 +139,31 @@ class FakeScaler(Precision):
                     p.grad.div_(self.scale)
         self._after_closure(model, optimizer)
         return optimizer.step(**kwargs)
+
+
+def perturb_routers(model, scale: float = 0.5) -> None:
+    """An update that reshuffles the experts: noise on every router's weight (seeded)."""
+    from gspo_lightning.moe import find_routers
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for router in find_routers(model):
+            router.weight.add_(scale * torch.randn_like(router.weight))
+
+
+def addition_datamodule(tokenizer, engine=None):
+    """4 addition prompts x 4 samples per rollout batch, 8 new tokens at most, set up for fit."""
+    from gspo_lightning.data import AdditionTask
+    from gspo_lightning.datamodule import RolloutDataModule
+    from gspo_lightning.engines import SamplingConfig
+
+    dm = RolloutDataModule(
+        prompts=AdditionTask(num_train=40, num_val=4),
+        tokenizer=tokenizer,
+        prompts_per_step=4,
+        num_samples=4,
+        sampling=SamplingConfig(max_new_tokens=8),
+        engine=engine,
+    )
+    dm.setup("fit")
+    return dm

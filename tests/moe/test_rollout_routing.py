@@ -6,29 +6,18 @@ import dataclasses
 import lightning.pytorch as pl
 import pytest
 import torch
-from support import built_module, prepared
+from support import addition_datamodule, built_module, perturb_routers, prepared
 
-from gspo_lightning.data import AdditionTask
-from gspo_lightning.datamodule import RolloutDataModule
-from gspo_lightning.engines import SamplingConfig, TransformersEngine
-from gspo_lightning.moe import RoutingController, find_routers
+from gspo_lightning.engines import TransformersEngine
+from gspo_lightning.moe import RoutingController
 from gspo_lightning.moe.routing import rollout_mismatch_counts
 from gspo_lightning.rollout import _join_routes
 from gspo_lightning.training.logprobs import response_logprobs
 from gspo_lightning.training.policy import replay_mode
 
 
-def _datamodule(tiny_path, engine=None, **kwargs):
-    dm = RolloutDataModule(
-        prompts=AdditionTask(num_train=40, num_val=4),
-        tokenizer=tiny_path,
-        prompts_per_step=4,
-        num_samples=4,
-        sampling=SamplingConfig(max_new_tokens=8),
-        engine=engine,
-        **kwargs,
-    )
-    dm.setup("fit")
+def _datamodule(tiny_path, engine=None):
+    dm = addition_datamodule(tiny_path, engine)
     dm.request_routes()
     return dm
 
@@ -107,16 +96,9 @@ def test_replaying_a_batchs_own_routes_is_the_identity(tiny_path, routed):
     torch.testing.assert_close(with_replay, without, atol=1e-6, rtol=0)
 
 
-def _perturb(model, scale=0.5):
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for router in find_routers(model):
-            router.weight.add_(scale * torch.randn_like(router.weight))
-
-
 def test_stale_engine_weights_show_a_mismatch_and_replay_still_forces_the_engines_routes(tiny_path, routed):
     module = built_module(tiny_path, routing_replay="rollout", mini_batches=2)
-    _perturb(module.policy)  # the trainer moved on, the engine did not receive the weights
+    perturb_routers(module.policy)  # the trainer moved on, the engine did not receive the weights
     result = module.pre_update(routed, module.policy, None, module.routing)
     differing, routed_count, _ = result.rollout_mismatch
     assert (differing / routed_count > 0).all()
@@ -124,7 +106,7 @@ def test_stale_engine_weights_show_a_mismatch_and_replay_still_forces_the_engine
     keep = routed.rollout_routing_mask[:, None, :, None].expand_as(replayed)
     assert torch.equal(replayed[keep], routed.rollout_routing[keep])
     plain = built_module(tiny_path, routing_replay="off", mini_batches=2)
-    _perturb(plain.policy)
+    perturb_routers(plain.policy)
     natural = plain.pre_update(routed, plain.policy, None, plain.routing).old_logprobs
     assert not torch.allclose(result.old_logprobs, natural, atol=1e-4), "replay changed nothing"
 

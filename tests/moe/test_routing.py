@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from support import built_module, prepared
+from support import built_module, perturb_routers, prepared
 
 from gspo_lightning import TokenRatio
 from gspo_lightning.components.aggregation import LossCounts
@@ -12,13 +12,6 @@ from gspo_lightning.training.logprobs import response_logprobs
 
 def _module(tiny_path, **kwargs):
     return built_module(tiny_path, ratio=TokenRatio(), **kwargs)
-
-
-def _perturb(model, scale=0.5):
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for router in find_routers(model):
-            router.weight.add_(scale * torch.randn_like(router.weight))
 
 
 def _step(module, batch):
@@ -33,7 +26,7 @@ def test_replay_routes_exactly_as_recorded(tiny_path, rollout):
     module = _module(tiny_path, routing_replay=True, mini_batches=2)
     batch = prepared(module, rollout)
     assert batch.routing is not None and batch.routing.shape[:3] == (16, 2, batch.input_ids.shape[1])
-    _perturb(module.policy)  # an update that reshuffles the experts
+    perturb_routers(module.policy)  # an update that reshuffles the experts
     batch.advantages = torch.linspace(-1, 1, len(batch))  # the untrained model earns no reward
     metrics = _step(module, batch)
     assert torch.equal(module.routing.recorded(), batch.routing)
@@ -47,7 +40,7 @@ def test_replay_routes_exactly_as_recorded(tiny_path, rollout):
 def test_without_replay_the_change_fraction_is_positive(tiny_path, rollout):
     module = _module(tiny_path, routing_replay=False, mini_batches=2)
     batch = prepared(module, rollout)
-    _perturb(module.policy)
+    perturb_routers(module.policy)
     metrics = _step(module, batch)
     assert 0.0 < metrics["moe/routing_change_frac"].item() <= 1.0
 
@@ -59,7 +52,7 @@ def _logprobs(model, batch):
 def test_replay_changes_the_log_probs_after_a_reshuffle(tiny_path, rollout):
     module = _module(tiny_path, routing_replay=True, mini_batches=2)
     batch = prepared(module, rollout)
-    _perturb(module.policy)
+    perturb_routers(module.policy)
     with torch.no_grad():
         with module.routing.replaying(batch.input_ids, batch.routing):
             replayed = _logprobs(module.policy, batch)
@@ -121,7 +114,7 @@ def test_padding_free_records_and_replays_the_same_routes(tiny_path, rollout):
     torch.testing.assert_close(packed.old_logprobs, padded.old_logprobs, rtol=1e-5, atol=1e-5)
     results = []
     for module, batch in ((padded_module, padded), (packed_module, packed)):
-        _perturb(module.policy)
+        perturb_routers(module.policy)
         batch.advantages = torch.linspace(-1, 1, len(batch))
         results.append(_step(module, batch))
         assert torch.equal(module.routing.recorded()[real], batch.routing[real])  # replayed as recorded
