@@ -70,10 +70,17 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="float32", help="the policy's (and so the engine's) dtype")
     args = parser.parse_args()
-    print(f"engine {args.engine}; {args.prompts} prompts x {args.samples} samples, up to {args.max_new_tokens} tokens")
+    print(
+        f"engine {args.engine}, {args.dtype}; {args.prompts} prompts x {args.samples} samples,"
+        f" up to {args.max_new_tokens} tokens"
+    )
     for model in args.model:
-        modules = {mode: GSPOModule(model=model, routing_replay=mode, mini_batches=2) for mode in ("off", "rollout")}
+        modules = {
+            mode: GSPOModule(model=model, routing_replay=mode, mini_batches=2, dtype=args.dtype)
+            for mode in ("off", "rollout")
+        }
         for module in modules.values():
             module.configure_model()
         batch = rollout_batch(
@@ -81,14 +88,14 @@ def main() -> None:
         )
         tokens = int(batch.response_mask.sum())
         print(f"\n{model}: {len(batch)} sequences, {tokens} response tokens")
-        print(f"{'trainer pass':<22}{'mismatch':>10}{'per layer':>22}{'unrouted':>10}{'|dlogp| mean':>14}{'max':>10}")
+        print(f"{'trainer pass':<22}{'mismatch':>10}{'unrouted':>10}{'|dlogp| mean':>14}{'max':>10}   per layer")
         for mode, module in modules.items():
             r = trainer_pass(module, batch)
             layers = " ".join(f"{x:.4f}" for x in r["mismatch_per_layer"])
             label = "routing naturally" if mode == "off" else "R3 (engine's routes)"
             print(
-                f"{label:<22}{r['mismatch_frac']:>10.4f}{layers:>22}{r['unrouted_frac']:>10.4f}"
-                f"{r['logprob_diff_mean']:>14.2e}{r['logprob_diff_max']:>10.2e}"
+                f"{label:<22}{r['mismatch_frac']:>10.4f}{r['unrouted_frac']:>10.4f}"
+                f"{r['logprob_diff_mean']:>14.2e}{r['logprob_diff_max']:>10.2e}   {layers}"
             )
         # the routes must line up with the trainer's positions: a one-column shift is far off
         shifted = rollout_mismatch_counts(

@@ -22,6 +22,14 @@ from torch import nn
 
 from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine
 from gspo_lightning.engines.vllm_io import sampling_params_kwargs, to_generation
+from gspo_lightning.engines.vllm_routes import (
+    ROUTES_SOURCES,
+    EngineRoutes,
+    RoutesSource,
+    native_unavailable,
+    open_routes,
+    resolve_routes_source,
+)
 from gspo_lightning.engines.vllm_weights import (
     iter_full_weights,
     load_weights_in_place,
@@ -101,6 +109,10 @@ class VLLMEngine(RolloutEngine):
             (importance weights against the engine's log-probs) or ``model.old_logprobs: rollout``.
         seed: seeds the engine's sampler (ranks of a tensor-parallel group share it).
         engine_kwargs: further ``vllm.LLM`` arguments, passed as they are.
+        routes_source: where MoE routes come from once :meth:`request_routes` asks for them
+            (:mod:`~gspo_lightning.engines.vllm_routes`): ``"native"`` vLLM's ``enable_return_routed_experts``
+            (Model Runner V2, hence Triton: CUDA builds), ``"capture"`` hooks on the in-process model's routers
+            (eager forwards), ``"auto"`` native where this vLLM can run it, else capture.
     """
 
     def __init__(
@@ -118,12 +130,15 @@ class VLLMEngine(RolloutEngine):
         sync_every: int = 1,
         seed: int = 0,
         engine_kwargs: dict[str, Any] | None = None,
+        routes_source: RoutesSource = "auto",
     ) -> None:
         super().__init__()
         if sync_every < 1 or tensor_parallel_size < 1:
             raise ValueError(f"sync_every and tensor_parallel_size must be >= 1: {sync_every}, {tensor_parallel_size}.")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}.")
+        if routes_source not in ROUTES_SOURCES:
+            raise ValueError(f"routes_source must be one of {ROUTES_SOURCES}, got {routes_source!r}.")
         self.model = model
         self.dtype = dtype
         self.gpu_memory_utilization = gpu_memory_utilization
@@ -137,7 +152,10 @@ class VLLMEngine(RolloutEngine):
         self.sync_every = sync_every
         self.seed = seed
         self.engine_kwargs = dict(engine_kwargs or {})
+        self.routes_source = routes_source
         self.llm = None
+        self._routes: EngineRoutes | None = None  # set when routes are requested (request_routes)
+        self._llm_kwargs: dict[str, Any] = {}
         self.sync_calls = 0  # sync_weights calls
         self.num_pushes = 0  # weight pushes into the engine (bind included)
         self.last_sync_s: float | None = None
@@ -162,12 +180,29 @@ class VLLMEngine(RolloutEngine):
     def is_bound(self) -> bool:
         return self.llm is not None
 
+    def request_routes(self) -> None:
+        """Report MoE routes from now on; on a built engine the capture path is installed now (vLLM's native
+        routes can only be switched on when it builds: raises with the fix)."""
+        super().request_routes()
+        if self.llm is not None and self._routes is None:
+            self._routes = open_routes(self.llm, self._routes_source(self._llm_kwargs, built=True))
+
+    def _routes_source(self, kwargs: dict[str, Any], built: bool) -> str:
+        eager, caching = bool(kwargs.get("enforce_eager")), bool(kwargs.get("enable_prefix_caching"))
+        unavailable = native_unavailable()
+        return resolve_routes_source(
+            self.routes_source, unavailable=unavailable, prefix_caching=caching, eager=eager, built=built
+        )
+
     def shutdown(self) -> None:
         """Release the engine and vLLM's process-global state (one engine per process at a time).
 
         vLLM's teardown also destroys the default ``torch.distributed`` process group: under data
         parallelism call it only once training is over.
         """
+        if self._routes is not None:
+            self._routes.close()
+            self._routes = None
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if callable(getattr(core, "shutdown", None)):
             core.shutdown()
@@ -220,16 +255,26 @@ class VLLMEngine(RolloutEngine):
             os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
             kwargs["seed"] = self.seed + dist.get_rank() // self.tensor_parallel_size
         kwargs.update(self.engine_kwargs)
+        source = self._routes_source(kwargs, built=False) if self.return_routes else None
+        if source == "native":
+            kwargs["enable_return_routed_experts"] = True
         # without a tokenizer vLLM's chat-template warm-up logs a traceback; the engine never renders chats
         renderer_log = logging.getLogger("vllm.renderers.base")
         renderer_log.addFilter(_skip_chat_warmup)
         try:
             with keep_process_state():
                 llm = vllm.LLM(**{k: v for k, v in kwargs.items() if v is not None})
+        except ValueError as err:
+            if source == "native":  # e.g. a feature that makes vLLM fall back to Model Runner V1
+                raise ValueError(f"{err} (native MoE routes need it; set routes_source: capture)") from err
+            raise
         finally:
             renderer_log.removeFilter(_skip_chat_warmup)
         self._sampling_params = vllm.SamplingParams
         self._top_k_off = vllm.SamplingParams().top_k  # vLLM's "disabled" value (0 now, -1 in old versions)
+        self._llm_kwargs = kwargs
+        if source is not None:
+            self._routes = open_routes(llm, source)
         return llm
 
     def _wake(self, tags: tuple[str, ...]) -> None:
@@ -252,11 +297,17 @@ class VLLMEngine(RolloutEngine):
         )
         all_prompts, mine = self._tensor_parallel_prompts(prompt_ids)
         self._wake(("weights", "kv_cache"))
+        if self._routes is not None:
+            self._routes.begin()
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in all_prompts], params, use_tqdm=False)
         if self.enable_sleep_mode:
             self.llm.sleep(level=1)
             self._asleep = {"weights", "kv_cache"}
-        return to_generation(outputs[mine], prompt_ids, num_samples, pad_id)
+        generation = to_generation(outputs[mine], prompt_ids, num_samples, pad_id)
+        if self._routes is not None:
+            width = generation.response_ids.shape[1]
+            generation.routes, generation.route_mask = self._routes.read(outputs[mine], prompt_ids, num_samples, width)
+        return generation
 
     def _tensor_parallel_prompts(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], slice]:
         """Tensor-parallel peers must run the same requests: gather the group's prompts, keep our slice."""
@@ -286,5 +337,7 @@ class VLLMEngine(RolloutEngine):
             reset = self.llm.reset_prefix_cache()
         if reset is False:
             raise RuntimeError(f"vLLM {vllm_version()} refused to reset its prefix cache (requests still running).")
+        if self._routes is not None:
+            self._routes.clear()  # the prefix routes were computed with the old weights
         self.last_sync_s = time.perf_counter() - start
         self.num_pushes += 1

