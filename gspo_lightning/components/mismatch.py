@@ -94,9 +94,9 @@ class MismatchCorrection(nn.Module):
         rejection_threshold_lower: float | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("level", level), ("rejection", rejection or "token")):
-            if value not in ("token", "sequence", "geometric"):
-                raise ValueError(f"{name} must be 'token', 'sequence' or 'geometric', got {value!r}.")
+        levels = ("token", "sequence", "geometric")
+        if level not in levels or rejection not in (*levels, None):
+            raise ValueError(f"level / rejection must be 'token', 'sequence' or 'geometric': {level!r}, {rejection!r}.")
         if mode not in ("truncate", "mask", "none"):
             raise ValueError(f"mode must be 'truncate', 'mask' or 'none', got {mode!r}.")
         if mode == "none" and rejection is None:
