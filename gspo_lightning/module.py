@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from peft import PeftConfig
 from typing_extensions import override
 
 from gspo_lightning.batch import RolloutBatch
@@ -30,8 +31,10 @@ from gspo_lightning.datamodule import rollout_datamodule
 from gspo_lightning.evaluation import EvalResult, eval_metrics
 from gspo_lightning.models import DType
 from gspo_lightning.moe import RouterStats, moe_layout, routing_context
+from gspo_lightning.sharding import shard_fsdp2
 from gspo_lightning.training.guard import NonFiniteGuard
 from gspo_lightning.training.logprobs import DEFAULT_CHUNK_SIZE
+from gspo_lightning.training.lora import AdapterDisabled, apply_peft, trainable, transformers_model
 from gspo_lightning.training.metrics import MetricAccumulator, response_counts, step_metrics
 from gspo_lightning.training.optim import build_optimizers
 from gspo_lightning.training.policy import (
@@ -41,6 +44,7 @@ from gspo_lightning.training.policy import (
     load_reference,
     replay_mode,
     routing_controller,
+    set_dropout_to_zero,
     shard_from_rank0,
 )
 from gspo_lightning.training.pre_update import OldLogprobs, PreUpdatePass, ReplayMode, is_on_policy
@@ -96,6 +100,8 @@ class GSPOModule(pl.LightningModule):
         track_rollout_routing: ask the engine for its routes and log ``moe/rollout_routing_mismatch_frac`` even
             without ``routing_replay: rollout`` (which always logs it).
         fsdp_mixed_precision / fsdp_cpu_offload: FSDP2 options (bf16 compute with fp32 reduction; CPU offload).
+        peft: a ``peft`` config (e.g. ``peft.LoraConfig``): train adapters only; the reference is the policy with
+            its adapters off (``training.lora``).
     """
 
     def __init__(
@@ -135,11 +141,13 @@ class GSPOModule(pl.LightningModule):
         track_rollout_routing: bool = False,
         fsdp_mixed_precision: bool = False,
         fsdp_cpu_offload: bool = False,
+        peft: PeftConfig | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
-            ignore=["ratio", "advantage", "clip", "kl", "optimizer", "lr_scheduler", "mismatch_correction"]
+            ignore=["ratio", "advantage", "clip", "kl", "optimizer", "lr_scheduler", "mismatch_correction", "peft"]
         )
+        self.peft_config = peft
         check_options(**{k: self.hparams[k] for k in CHECKED_OPTIONS})
         kl = K3KL() if kl is None and kl_coef > 0 else kl
         self.replay_mode = replay_mode(routing_replay)
@@ -182,21 +190,32 @@ class GSPOModule(pl.LightningModule):
         hp = self.hparams
         load = {k: hp[k] for k in ("model", "dtype", "trust_remote_code", "attn_implementation")}
         mesh = self.strategy_adapter.data_parallel_mesh(lambda: self.device_mesh) if self._trainer else None
-        empty = mesh is not None  # FSDP2: every rank builds on the meta device, rank 0 alone loads the weights
+        # FSDP2: every rank builds on the meta device, rank 0 alone loads the weights (with adapters, every rank
+        # loads the frozen base: the adapters are created on top of real weights)
+        empty = mesh is not None and self.peft_config is None
         options = {k: hp[k] for k in ("gradient_checkpointing", "disable_dropout")}
         self.policy = load_policy(**load, **options, empty=empty)
+        if self.peft_config is not None:
+            self.policy = apply_peft(self.policy, self.peft_config)
+            if hp.disable_dropout:
+                set_dropout_to_zero(self.policy)
         self.moe = moe_layout(self.policy.config)
         args = (self.replay_mode, hp.track_routing_change or hp.track_rollout_routing, hp.router_aux_loss_coef)
         self.routing = routing_controller(self.policy, self.moe, *args)
         if (hp.kl_coef > 0 or self.advantage.needs_ref) and not self._reference:
-            self._reference.append(load_reference(**load, empty=empty))
+            reference = AdapterDisabled(self.policy) if self.peft_config is not None else None
+            self._reference.append(reference or load_reference(**load, empty=empty))
         if self._trainer is not None:
             self.strategy_adapter.check_clipping(hp.max_grad_norm)
         if mesh is None:
             return
+        fsdp = (hp.fsdp_mixed_precision, hp.fsdp_cpu_offload)
+        if self.peft_config is not None:  # the reference is the policy itself
+            # the root is the transformers model: generate() calls it directly, past the peft wrapper
+            shard_fsdp2(transformers_model(self.policy).to(self.trainer.strategy.root_device), mesh, *fsdp)
+            return
         for model in (self.policy, self.reference):
             if model is not None:
-                fsdp = (hp.fsdp_mixed_precision, hp.fsdp_cpu_offload)
                 shard_from_rank0(model, load, mesh, self.trainer.strategy.root_device, *fsdp)
 
     @property
@@ -213,7 +232,8 @@ class GSPOModule(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        return build_optimizers(self.policy.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
+        params = trainable(self.policy.parameters())  # adapters only under peft
+        return build_optimizers(params, self.optimizer_factory, self.lr_scheduler_factory)
 
     @override
     def training_step(self, dataloader_iter: Iterator) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel
 from typing_extensions import override
 
+from gspo_lightning.training.lora import is_peft, merged_weights, transformers_model
 from gspo_lightning.training.strategy import StrategyAdapter
 
 
@@ -17,23 +18,31 @@ class HFExport(Callback):
     """Saves ``save_pretrained`` folders for serving with vLLM or transformers.
 
     Exports the transformers model the LightningModule holds as a child (GSPOModule's ``policy``), gathered
-    from whatever shards it, and the data module's tokenizer.
+    from whatever shards it, and the data module's tokenizer. A ``peft`` policy (LoRA) is written as its adapter
+    (``adapter_config.json`` + adapter weights, loaded with ``peft.PeftModel.from_pretrained`` on the base
+    model) and, with ``merge_adapters``, also as a full model with the adapters merged in ``<name>/merged``.
 
     Args:
         dirpath: output folder (default: ``<log_dir>/hf_export``); each export goes to ``step_<global_step>``
             and the final one also to ``final``.
         every_n_steps: export every this many rollout batches as well (None: only at the end).
         safe_serialization: write safetensors.
+        merge_adapters: for a ``peft`` policy, also write the merged full model (``W + s B A``).
     """
 
     def __init__(
-        self, dirpath: str | None = None, every_n_steps: int | None = None, safe_serialization: bool = True
+        self,
+        dirpath: str | None = None,
+        every_n_steps: int | None = None,
+        safe_serialization: bool = True,
+        merge_adapters: bool = False,
     ) -> None:
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}.")
         self.dirpath = dirpath
         self.every_n_steps = every_n_steps
         self.safe_serialization = safe_serialization
+        self.merge_adapters = merge_adapters
         self._calls = 0
 
     def _root(self, trainer: pl.Trainer) -> Path:
@@ -48,7 +57,7 @@ class HFExport(Callback):
         Raises:
             RuntimeError: it has none (or several).
         """
-        found = [(n, m) for n, m in pl_module.named_children() if isinstance(m, PreTrainedModel)]
+        found = [(n, m) for n, m in pl_module.named_children() if isinstance(m, PreTrainedModel) or is_peft(m)]
         if len(found) != 1:
             raise RuntimeError(
                 f"HFExport exports the one transformers model a LightningModule holds as a child (as GSPOModule's"
@@ -70,6 +79,11 @@ class HFExport(Callback):
             path.mkdir(parents=True, exist_ok=True)
             model.save_pretrained(path, state_dict=state_dict, safe_serialization=self.safe_serialization)
             trainer.datamodule.tokenizer.save_pretrained(path)
+            if is_peft(model) and self.merge_adapters:
+                merged = dict(merged_weights(model, state_dict))
+                base = transformers_model(model)
+                base.save_pretrained(path / "merged", state_dict=merged, safe_serialization=self.safe_serialization)
+                trainer.datamodule.tokenizer.save_pretrained(path / "merged")
             rank_zero_info(f"HFExport: wrote {path}")
         trainer.strategy.barrier("hf_export")
         return path

@@ -13,6 +13,7 @@ from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine, pad_
 from gspo_lightning.moe.capture import GenerationRoutes
 from gspo_lightning.moe.layout import moe_layout
 from gspo_lightning.sharding import is_sharded
+from gspo_lightning.training.lora import transformers_model
 
 
 class SampledTokenLogprobs(LogitsProcessor):
@@ -104,12 +105,13 @@ class TransformersEngine(RolloutEngine):
         if synced is None:
             synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
             synced = synced and is_sharded(self.policy)
-        was_training, checkpoint_config = self.policy.training, self.policy.generation_config
+        hf_model = transformers_model(self.policy)  # under a peft wrapper, the model generate() configures from
+        was_training, checkpoint_config = self.policy.training, hf_model.generation_config
         self.policy.eval()
         # a checkpoint's generation_config.json (repetition_penalty, min_p, suppress_tokens, ...) fills every
         # parameter generate() is not given: swap in transformers' neutral defaults so that the rollouts come
         # from the distribution the trainer's log-probs describe (softmax(logits / temperature))
-        self.policy.generation_config = GenerationConfig()
+        hf_model.generation_config = GenerationConfig()
         chunks, logprob_chunks, route_chunks = [], [], []
         step = self.batch_size or len(prompt_ids)
         routes = None if greedy else self._route_recorder()  # greedy decoding evaluates, nothing trains on it
@@ -136,7 +138,7 @@ class TransformersEngine(RolloutEngine):
                     logprob_chunks.append(recorder.finish(out))
         finally:
             self.policy.train(was_training)
-            self.policy.generation_config = checkpoint_config
+            hf_model.generation_config = checkpoint_config
         width = max(c.shape[1] for c in chunks)
         response = torch.cat([nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
         response_mask, truncated = response_mask_until_eos(response, eos_ids, s.max_new_tokens)

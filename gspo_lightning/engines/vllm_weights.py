@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from torch import Tensor, nn
 
 from gspo_lightning.sharding import is_zero3
+from gspo_lightning.training.lora import is_peft, merged_weights
 
 log = logging.getLogger(__name__)
 _EXPERT_WEIGHTS = ("w13_weight", "w2_weight")
@@ -44,6 +45,11 @@ def iter_full_weights(policy: nn.Module) -> Iterator[tuple[str, Tensor]]:
     holds when each data-parallel rank syncs its own engine at the same step. Only one gathered parameter
     is alive at a time (besides what vLLM holds), so the peak extra memory is about the largest parameter.
     """
+    if is_peft(policy):  # LoRA: the engine gets W + s B A under the transformers names, the policy is untouched
+        if is_zero3(policy):
+            raise ValueError("LoRA adapters with DeepSpeed ZeRO-3 cannot be merged for vLLM: use FSDP2 or DDP.")
+        yield from merged_weights(policy, policy.state_dict())
+        return
     if is_zero3(policy):
         yield from _iter_zero3_weights(policy)
         return

@@ -1,10 +1,11 @@
 """Run one GSPO update on a fixed rollout batch and save the full policy gradient (rank 0).
 
-Usage: python grad_script.py OUT_FILE DEVICES [ddp|fsdp2]. With DEVICES=2, Lightning launches a second
+Usage: python grad_script.py OUT_FILE DEVICES [ddp|fsdp2] [lora]. With DEVICES=2, Lightning launches a second
 process (gloo) and each rank trains on its half of the same batch, under DDP or FSDP2
 (ModelParallelStrategy, each decoder layer sharded); the saved gradient must equal the one of a single
 process that trains on the whole batch. Each rank also writes how many times it loaded the model's
-weights (``OUT_FILE.loads<rank>``): under FSDP2 only rank 0 may.
+weights (``OUT_FILE.loads<rank>``): under FSDP2 only rank 0 may (unless ``lora``: LoRA adapters on every
+linear layer and the fused experts, every rank loading the frozen base).
 """
 
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
 from gspo_lightning.data import AdditionTask
@@ -71,7 +73,7 @@ class CaptureGrad(GSPOModule):
         super().on_before_optimizer_step(optimizer)
 
 
-def main(out: str, devices: int, strategy: str) -> None:
+def main(out: str, devices: int, strategy: str, lora: bool = False) -> None:
     data = FixedHalfData(
         prompts=AdditionTask(num_train=64, num_val=0),
         rewards=[FunctionReward(completion_length)],
@@ -89,6 +91,7 @@ def main(out: str, devices: int, strategy: str) -> None:
         max_grad_norm=None,
         shuffle_mini_batches=False,
         old_logprobs="recompute",
+        peft=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if lora else None,
     )
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -112,4 +115,4 @@ def _strategy(name: str, devices: int):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "ddp")
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "ddp", "lora" in sys.argv[4:])

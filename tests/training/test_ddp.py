@@ -44,6 +44,20 @@ def test_fsdp2_split_over_two_ranks_gives_the_single_process_gradient(tmp_path, 
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_lora_split_over_two_ranks_gives_the_single_process_gradient(tmp_path, tiny_path, strategy):
+    script = str(HERE / "grad_script.py")
+    _run([sys.executable, script, str(tmp_path / "one.pt"), "1", "ddp", "lora"], tmp_path)
+    _run([sys.executable, script, str(tmp_path / "two.pt"), "2", strategy, "lora"], tmp_path)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one.keys() == two.keys()
+    adapters = [n for n in one if "lora_" in n]
+    assert adapters and all(float(one[n].abs().sum()) == 0 for n in one if "lora_" not in n), "only adapters train"
+    assert any("experts" in n for n in adapters) and sum(float(one[n].abs().sum()) for n in adapters) > 0
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 # the untrained model never answers right: reward odd digits so that advantages (and updates) are non-zero
 VARIED_REWARD = ["--data.rewards", '[{"class_path": "RegexFormatReward", "init_args": {"pattern": "[13579]"}}]']
 FSDP2 = [

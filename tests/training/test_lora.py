@@ -1,0 +1,139 @@
+"""LoRA through peft: adapters only train, the reference is the policy with its adapters off, rollout engines
+see the adapted policy, exports and resumes keep the adapters."""
+
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from support import addition_datamodule, built_module, tiny_args
+from transformers import AutoModelForCausalLM
+
+from gspo_lightning.cli import CONFIG_DIR, cli_main
+from gspo_lightning.engines.vllm_weights import iter_full_weights
+from gspo_lightning.training.logprobs import response_logprobs
+from gspo_lightning.training.lora import AdapterDisabled, hf_name, merged_weights, transformers_model
+
+LORA = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+ATTENTION = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+def _lora_module(tiny_path, config=LORA, **kwargs):
+    module = built_module(tiny_path, peft=config, **kwargs)
+    with torch.no_grad():  # B = 0 at init makes the adapted model the base one: move the adapters off zero
+        for name, param in module.policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    return module
+
+
+def _logprobs(model, ids):
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        return response_logprobs(model, ids, mask, 5).logprobs
+
+
+IDS = torch.randint(1, 12, (3, 10), generator=torch.Generator().manual_seed(0))
+
+
+def test_only_the_adapters_are_optimised(tiny_path):
+    module = built_module(tiny_path, peft=LORA)
+    trainable = {n for n, p in module.policy.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert any("experts" in n for n in trainable), "all-linear reaches the fused experts (peft parameter adapters)"
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    optimizer = optimizer[0] if isinstance(optimizer, list) else optimizer
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in module.policy.parameters() if p.requires_grad}
+
+
+def test_the_reference_is_the_policy_with_its_adapters_off(tiny_path):
+    module = _lora_module(tiny_path, kl_coef=0.05)
+    assert isinstance(module.reference, AdapterDisabled) and module.reference.policy is module.policy
+    # no second set of weights: the reference's parameters are the policy's own
+    assert {id(p) for p in module.reference.parameters()} == {id(p) for p in module.policy.parameters()}
+    base = AutoModelForCausalLM.from_pretrained(tiny_path)
+    torch.testing.assert_close(_logprobs(module.reference, IDS), _logprobs(base, IDS), rtol=0, atol=1e-6)
+    assert not torch.allclose(_logprobs(module.policy, IDS), _logprobs(base, IDS), atol=1e-3), "adapters act"
+    assert all(p.requires_grad for n, p in module.policy.named_parameters() if ".lora_" in n), "still trainable"
+
+
+@pytest.mark.parametrize("config", [LORA, ATTENTION], ids=["all-linear", "attention"])
+def test_merged_weights_are_the_adapted_model(tiny_path, config):
+    module = _lora_module(tiny_path, config)
+    merged = dict(merged_weights(module.policy, module.policy.state_dict()))
+    plain = AutoModelForCausalLM.from_pretrained(tiny_path)
+    assert set(merged) == set(plain.state_dict())
+    plain.load_state_dict(merged)
+    torch.testing.assert_close(_logprobs(plain, IDS), _logprobs(module.policy, IDS), rtol=0, atol=1e-4)
+    assert dict(iter_full_weights(module.policy)).keys() == merged.keys(), "what a vLLM engine receives"
+
+
+def test_peft_names_map_to_the_checkpoints():
+    assert hf_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight") == (
+        "model.layers.0.self_attn.q_proj.weight"
+    )
+    assert hf_name("base_model.model.model.layers.0.mlp.experts.base_layer.base_layer.gate_up_proj") == (
+        "model.layers.0.mlp.experts.gate_up_proj"
+    )
+    assert hf_name("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight") is None
+
+
+def test_the_embedded_engine_samples_from_the_adapted_policy(tiny_path):
+    module = _lora_module(tiny_path)
+    hf = transformers_model(module.policy)
+    hf.generation_config.repetition_penalty = 5.0  # a checkpoint setting the engine must not apply
+    dm = addition_datamodule(tiny_path)
+    dm.bind_policy(module.policy)
+    torch.manual_seed(0)
+    batch = dm.next_rollout()
+    assert hf.generation_config.repetition_penalty == 5.0, "restored after generating"
+    trainer_view = response_logprobs(
+        module.policy, batch.input_ids, batch.attention_mask, batch.response_mask.shape[1]
+    ).logprobs.detach()
+    mask = batch.response_mask
+    torch.testing.assert_close(batch.rollout_logprobs[mask], trainer_view[mask], rtol=0, atol=1e-5)
+
+
+VARIED_REWARD = ["--data.rewards", '[{"class_path": "RegexFormatReward", "init_args": {"pattern": "[13579]"}}]']
+
+
+def _fit(root: Path, *extra: str, max_steps: int):
+    lora = ["--config", str(CONFIG_DIR / "lora.yaml"), *VARIED_REWARD, "--trainer.callbacks+=HFExport"]
+    args = tiny_args(root, *extra, max_steps=max_steps)
+    return cli_main(["fit", *args[:2], *lora, *args[2:]])
+
+
+def _last(root: Path) -> dict:
+    return torch.load(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+
+
+def test_resume_restores_the_adapters_and_their_optimizer_state_and_exports_them(tmp_path, tiny_path):
+    straight = _fit(tmp_path / "straight", max_steps=6)
+    _fit(tmp_path / "first", max_steps=2)
+    first = tmp_path / "first" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    _fit(tmp_path / "resumed", "--ckpt_path", str(first), max_steps=6)
+    expected, got = _last(tmp_path / "straight"), _last(tmp_path / "resumed")
+    adapters = [n for n in expected["state_dict"] if ".lora_" in n]
+    initial = built_module(tiny_path, peft=peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    assert any(not torch.equal(expected["state_dict"][n], initial.state_dict()[n]) for n in adapters), "trained"
+    for name in adapters:
+        torch.testing.assert_close(got["state_dict"][name], expected["state_dict"][name], rtol=0, atol=0, msg=name)
+    states = expected["optimizer_states"][0]["state"], got["optimizer_states"][0]["state"]
+    assert states[0].keys() == states[1].keys() and len(states[0]) == len(adapters)
+    for key in states[0]:
+        for field in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(states[1][key][field], states[0][key][field], rtol=0, atol=0)
+    # HFExport: the adapter folder loads on the base model and equals the trained policy
+    export = tmp_path / "straight" / "lightning_logs" / "version_0" / "hf_export" / "final"
+    assert (export / "adapter_config.json").exists()
+    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path), export)
+    torch.testing.assert_close(_logprobs(loaded, IDS), _logprobs(straight.model.policy, IDS), rtol=0, atol=1e-5)
+
+
+def test_export_can_merge_the_adapters(tmp_path, tiny_path):
+    cli = _fit(tmp_path, "--trainer.callbacks.merge_adapters", "true", max_steps=2)
+    merged = tmp_path / "lightning_logs" / "version_0" / "hf_export" / "final" / "merged"
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    torch.testing.assert_close(_logprobs(model, IDS), _logprobs(cli.model.policy, IDS), rtol=0, atol=1e-4)
