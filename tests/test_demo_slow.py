@@ -53,3 +53,10 @@ def test_demo_learns_with_the_grpo_r3_recipe(tmp_path):
     report = _fit(tmp_path, "--config", str(demo), "--config", str(recipe), "--trainer.max_steps", "800")
     assert report["optimizer_steps"] == 800
     assert report["after"]["val/accuracy"] - report["before"]["val/accuracy"] >= 0.15, report
+
+
+def test_demo_learns_with_lora(tmp_path):
+    # configs/lora.yaml on the demo: measured greedy 29.2% -> 56.2% (+27.0), sampled +21.4
+    lora = ROOT / "configs" / "lora.yaml"
+    report = _fit(tmp_path, "--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(lora))
+    assert report["after"]["val/accuracy"] - report["before"]["val/accuracy"] >= 0.15, report

@@ -137,3 +137,22 @@ def test_export_can_merge_the_adapters(tmp_path, tiny_path):
     merged = tmp_path / "lightning_logs" / "version_0" / "hf_export" / "final" / "merged"
     model = AutoModelForCausalLM.from_pretrained(merged)
     torch.testing.assert_close(_logprobs(model, IDS), _logprobs(cli.model.policy, IDS), rtol=0, atol=1e-4)
+
+
+def test_gradient_checkpointing_reaches_the_adapters(tiny_path, rollout):
+    from support import prepared
+
+    from gspo_lightning.components.aggregation import LossCounts
+
+    grads = {}
+    for checkpointing in (False, True):
+        module = _lora_module(tiny_path, gradient_checkpointing=checkpointing, mini_batches=2)
+        batch = prepared(module, rollout)
+        batch.advantages = torch.linspace(-1, 1, len(batch))
+        loss, _ = module.policy_loss(module.policy, batch, LossCounts.from_mask(batch.response_mask))
+        loss.backward()
+        grads[checkpointing] = {n: p.grad for n, p in module.policy.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads[True].values())
+    assert sum(float(g.abs().sum()) for g in grads[True].values()) > 0
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-6, msg=name)
