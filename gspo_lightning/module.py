@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from peft import PeftConfig
 from typing_extensions import override
 
+from gspo_lightning.adapters import AdapterDisabled, apply_peft, trainable, transformers_model
 from gspo_lightning.batch import RolloutBatch
 from gspo_lightning.components.advantage import Advantage, GroupNormAdvantage
 from gspo_lightning.components.aggregation import AggregationMode
@@ -34,7 +35,6 @@ from gspo_lightning.moe import RouterStats, moe_layout, routing_context
 from gspo_lightning.sharding import shard_fsdp2
 from gspo_lightning.training.guard import NonFiniteGuard
 from gspo_lightning.training.logprobs import DEFAULT_CHUNK_SIZE
-from gspo_lightning.training.lora import AdapterDisabled, apply_peft, trainable, transformers_model
 from gspo_lightning.training.metrics import MetricAccumulator, response_counts, step_metrics
 from gspo_lightning.training.optim import build_optimizers
 from gspo_lightning.training.policy import (
@@ -101,7 +101,7 @@ class GSPOModule(pl.LightningModule):
             without ``routing_replay: rollout`` (which always logs it).
         fsdp_mixed_precision / fsdp_cpu_offload: FSDP2 options (bf16 compute with fp32 reduction; CPU offload).
         peft: a ``peft`` config (e.g. ``peft.LoraConfig``): train adapters only; the reference is the policy with
-            its adapters off (``training.lora``).
+            its adapters off (``adapters``).
     """
 
     def __init__(

@@ -18,7 +18,7 @@ LAYERS = [
     {"ops", "registry", "batch", "sharding", "evaluation", "rng"},
     {"components", "moe", "data"},  # loss components, MoE plumbing, prompt sources
     {"demo"},  # the built-in demo model (built from the built-in task)
-    {"models"},  # from_pretrained loading (resolves built-in names)
+    {"models", "adapters"},  # from_pretrained loading (resolves built-in names), peft adapters on a model
     {"engines", "rewards"},  # the data side's stages after the prompts
     {"rollout"},  # prompts -> engine -> rewards -> RolloutBatch
     {"datamodule"},

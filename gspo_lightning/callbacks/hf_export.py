@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel
 from typing_extensions import override
 
-from gspo_lightning.training.lora import is_peft, merged_weights, transformers_model
+from gspo_lightning.adapters import is_peft, merged_weights, transformers_model
 from gspo_lightning.training.strategy import StrategyAdapter
 
 

@@ -9,11 +9,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from gspo_lightning.adapters import transformers_model
 from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine, pad_left, response_mask_until_eos
 from gspo_lightning.moe.capture import GenerationRoutes
 from gspo_lightning.moe.layout import moe_layout
 from gspo_lightning.sharding import is_sharded
-from gspo_lightning.training.lora import transformers_model
 
 
 class SampledTokenLogprobs(LogitsProcessor):

@@ -27,8 +27,8 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
+from gspo_lightning.adapters import is_peft, merged_weights
 from gspo_lightning.sharding import is_zero3
-from gspo_lightning.training.lora import is_peft, merged_weights
 
 log = logging.getLogger(__name__)
 _EXPERT_WEIGHTS = ("w13_weight", "w2_weight")

@@ -15,7 +15,7 @@ from tiny_models import TinySpec, tiny_model_path  # noqa: E402
 
 from gspo_lightning.engines import SamplingConfig, VLLMEngine  # noqa: E402
 from gspo_lightning.models import load_causal_lm, load_tokenizer  # noqa: E402
-from gspo_lightning.training.lora import apply_peft  # noqa: E402
+from gspo_lightning.adapters import apply_peft  # noqa: E402
 
 
 def test_vllm_receives_the_merged_adapters_and_the_policy_stays_unmerged():

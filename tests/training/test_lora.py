@@ -9,10 +9,10 @@ import torch
 from support import addition_datamodule, built_module, tiny_args
 from transformers import AutoModelForCausalLM
 
+from gspo_lightning.adapters import AdapterDisabled, hf_name, merged_weights, transformers_model
 from gspo_lightning.cli import CONFIG_DIR, cli_main
 from gspo_lightning.engines.vllm_weights import iter_full_weights
 from gspo_lightning.training.logprobs import response_logprobs
-from gspo_lightning.training.lora import AdapterDisabled, hf_name, merged_weights, transformers_model
 
 LORA = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
 ATTENTION = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
