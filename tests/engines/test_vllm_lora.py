@@ -13,9 +13,9 @@ import peft  # noqa: E402
 from test_vllm_engine import DIFFER, MATCH, logprob_gap, train_steps  # noqa: E402
 from tiny_models import TinySpec, tiny_model_path  # noqa: E402
 
+from gspo_lightning.adapters import apply_peft  # noqa: E402
 from gspo_lightning.engines import SamplingConfig, VLLMEngine  # noqa: E402
 from gspo_lightning.models import load_causal_lm, load_tokenizer  # noqa: E402
-from gspo_lightning.adapters import apply_peft  # noqa: E402
 
 
 def test_vllm_receives_the_merged_adapters_and_the_policy_stays_unmerged():
