@@ -24,6 +24,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from gspo_lightning.callbacks.progress import use_step_progress_bar
 from gspo_lightning.checkpoints import (
     AtomicCheckpointIO,
     check_checkpoint_file,
@@ -160,8 +161,10 @@ class GSPOLightningCLI(LightningCLI):
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        """The Trainer, saving checkpoints with :class:`AtomicCheckpointIO` unless a plugin picked another IO."""
+        """The Trainer, saving checkpoints with :class:`AtomicCheckpointIO` unless a plugin picked another IO, and
+        with a progress bar that counts optimizer steps (``callbacks.progress``) in place of Lightning's default."""
         trainer = super().instantiate_trainer(**kwargs)
+        use_step_progress_bar(trainer)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
