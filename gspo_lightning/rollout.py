@@ -34,7 +34,9 @@ def reward_inputs(
     max_new_tokens: int,
 ) -> RewardInputs:
     """What the rewards see of N = len(prompts) * G completions (samples of a prompt adjacent)."""
+    columns = dict.fromkeys(k for p in prompts for k in p.record.extras)
     return RewardInputs(
+        extras={k: [p.record.extras.get(k) for p in prompts for _ in range(num_samples)] for k in columns},
         prompts=[p.record.text for p in prompts for _ in range(num_samples)],
         completions=completions,
         answers=[p.record.answer for p in prompts for _ in range(num_samples)],

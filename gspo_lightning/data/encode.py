@@ -9,7 +9,7 @@ reduced to one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from gspo_lightning.data.prompts import PromptRecord
 
@@ -54,7 +54,18 @@ def prompt_texts(
     use_template: bool,
     system_prompt: str | None = None,
 ) -> list[str]:
-    """The text fed to the tokenizer for each record: the raw prompt, or the rendered chat template."""
+    """The text fed to the tokenizer for each record: the raw prompt, or the rendered chat template (a record's
+    own conversation, ``PromptRecord.messages``, when it has one; ``system_prompt`` goes first unless the
+    conversation starts with a system message).
+
+    Raises:
+        ValueError: conversations without a chat template to render them, or ``system_prompt`` without one.
+    """
+    if not use_template and any(r.messages for r in records):
+        raise ValueError(
+            "The prompts are chat messages, but the tokenizer has no chat template to render them (or"
+            " chat_template=False). Use a chat model's tokenizer or set tokenizer.chat_template."
+        )
     if not use_template:
         if system_prompt is not None:
             raise ValueError(
@@ -64,9 +75,18 @@ def prompt_texts(
             )
         return [r.text for r in records]
     system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-    conversations = [[*system, {"role": "user", "content": r.text}] for r in records]
+    conversations = [_conversation(r, system) for r in records]
     texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
     return [texts] if isinstance(texts, str) else list(texts)
+
+
+def _conversation(record: PromptRecord, system: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """The messages of one record: its own conversation, or its text as the user turn, after ``system``."""
+    if not record.messages:
+        return [*system, {"role": "user", "content": record.text}]
+    if record.messages[0]["role"] == "system":
+        return list(record.messages)
+    return [*system, *record.messages]
 
 
 def _dedupe_bos(ids: list[int], bos_id: int | None) -> list[int]:

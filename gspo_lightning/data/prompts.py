@@ -13,10 +13,11 @@ import math
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from gspo_lightning.data.rows import Row, is_messages, table_rows
 from gspo_lightning.registry import Registry
 
 FileFormat = Literal["auto", "json", "jsonl", "parquet", "csv"]
@@ -29,14 +30,19 @@ class PromptRecord:
     """One prompt of a split, with its reference answer.
 
     Attributes:
-        text: the user prompt, before any chat template.
+        text: the user prompt, before any chat template (for a conversation: its last user message).
         answer: the reference answer, ``None`` when the task has none.
         index: position in its split (stable across runs; used to resume).
+        messages: a conversation (``{"role", "content"}`` dicts) rendered with the chat template instead of
+            ``text``, or None.
+        extras: the row's other columns, passed to rewards as keyword arguments.
     """
 
     text: str
     answer: str | None
     index: int
+    messages: tuple[dict[str, Any], ...] | None = field(default=None, compare=False, hash=False)
+    extras: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 class PromptSource(ABC):
@@ -218,13 +224,16 @@ class FilePrompts(PromptSource):
                 )
         try:  # pyarrow's JSON reader keeps invalid UTF-8, which fails only here
             prompts = ds.data.column(self.prompt_column).to_pylist()
-            answers = ds.data.column(self.answer_column).to_pylist() if self.answer_column is not None else None
+            rows = table_rows(ds, self.prompt_column, self.answer_column, repr(str(path))) if prompts else []
         except UnicodeDecodeError as err:
             raise ValueError(self._unreadable(path, builder, err)) from err
-        _check_prompts(prompts, path, self.prompt_column)
-        if answers is None:
-            return [(p, None) for p in prompts]
-        return [(p, answer_to_str(a, f"row {i} of {str(path)!r}")) for i, (p, a) in enumerate(zip(prompts, answers))]
+        except ValueError:
+            _check_prompts(prompts, path, self.prompt_column)  # the established one-line messages first
+            raise
+        return [
+            (text, answer_to_str(a, f"row {i} of {str(path)!r}") if self.answer_column else None, messages, extras)
+            for i, (text, a, messages, extras) in enumerate(rows)
+        ]
 
     def _unreadable(self, path: Path, builder: str, err: BaseException) -> str:
         """One line on why ``path`` could not be read: where it is not UTF-8, or not JSON, else ``err``'s reason."""
@@ -301,7 +310,7 @@ def _no_rows(path: Path) -> str:
 
 
 def _check_prompts(prompts: Sequence[Any], path: Path, column: str) -> None:
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) and not is_messages(p)]
     if bad:
         first = prompts[bad[0]]
         raise ValueError(
@@ -309,7 +318,7 @@ def _check_prompts(prompts: Sequence[Any], path: Path, column: str) -> None:
             f" {bad[0]}, a {type(first).__name__}: {first!r:.80}). Fix those rows or pick another"
             " prompt_column."
         )
-    blank = [i for i, p in enumerate(prompts) if not p.strip()]
+    blank = [i for i, p in enumerate(prompts) if isinstance(p, str) and not p.strip()]
     if blank:
         raise ValueError(
             f"Column {column!r} of {str(path)!r} has {len(blank)} empty prompt(s) (first: row {blank[0]})."
@@ -317,5 +326,8 @@ def _check_prompts(prompts: Sequence[Any], path: Path, column: str) -> None:
         )
 
 
-def _to_records(rows: list[tuple[str, str | None]]) -> list[PromptRecord]:
-    return [PromptRecord(text=text, answer=answer, index=i) for i, (text, answer) in enumerate(rows)]
+def _to_records(rows: list[Row]) -> list[PromptRecord]:
+    return [
+        PromptRecord(text=text, answer=answer, index=i, messages=messages, extras=extras)
+        for i, (text, answer, messages, extras) in enumerate(rows)
+    ]

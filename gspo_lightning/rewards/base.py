@@ -16,7 +16,7 @@ from abc import ABC
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -119,6 +119,8 @@ class RewardInputs:
         response_lengths: (N,) int64, the number of generated tokens.
         truncated: (N,) bool, True where generation hit ``max_new_tokens`` without EOS.
         max_new_tokens: the generation limit.
+        extras: column name -> N values: the prompt rows' other columns (e.g. test cases), repeated G times
+            like ``answers``; function rewards receive them as keyword arguments.
     """
 
     prompts: list[str]
@@ -127,6 +129,7 @@ class RewardInputs:
     response_lengths: Tensor
     truncated: Tensor
     max_new_tokens: int
+    extras: dict[str, list[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.completions)
@@ -138,6 +141,9 @@ class RewardInputs:
                 f"RewardInputs: {n} completions, but {got[0]} prompts, {got[1]} answers, response_lengths of "
                 f"shape {tuple(got[2])} and truncated of shape {tuple(got[3])}; every field needs N = {n}."
             )
+        wrong = {k: len(v) for k, v in self.extras.items() if len(v) != n}
+        if wrong:
+            raise ValueError(f"RewardInputs: extras {wrong} do not have one value per completion (N = {n}).")
         if self.max_new_tokens < 1:
             raise ValueError(f"RewardInputs: max_new_tokens must be >= 1, got {self.max_new_tokens}.")
 

@@ -13,16 +13,14 @@ from gspo_lightning.rewards.base import REWARDS, Reward, RewardInputs
 EXTRA_KWARGS = ("response_lengths", "truncated", "max_new_tokens")
 
 
-def _accepted_kwargs(fn: Callable[..., Any]) -> tuple[str, ...]:
-    """Which of :data:`EXTRA_KWARGS` ``fn`` accepts (all of them if it takes ``**kwargs``)."""
+def _accepted_kwargs(fn: Callable[..., Any]) -> tuple[frozenset[str], bool]:
+    """The keyword names ``fn`` declares, and whether it takes ``**kwargs`` (then it receives every extra)."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # builtins without a signature: pass the three positional lists only
-        return ()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return EXTRA_KWARGS
+        return frozenset(), False
     names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return tuple(k for k in EXTRA_KWARGS if k in names)
+    return frozenset(names), any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 @REWARDS.register
@@ -30,8 +28,10 @@ class FunctionReward(Reward):
     """A plain batched function as a reward: ``fn(prompts, completions, answers, **kwargs) -> scores``.
 
     ``fn`` receives three lists of N strings (answers may hold None) and, as keyword arguments where its
-    signature accepts them, ``response_lengths`` ((N,) int64 tensor), ``truncated`` ((N,) bool tensor) and
-    ``max_new_tokens`` (int). It returns N scores as a list of numbers (None or text is refused, naming the
+    signature accepts them (all of them with ``**kwargs``), ``response_lengths`` ((N,) int64 tensor),
+    ``truncated`` ((N,) bool tensor), ``max_new_tokens`` (int) and the prompt rows' other columns
+    (``RewardInputs.extras``: lists of N values, e.g. ``test_cases``), as TRL passes dataset columns. It
+    returns N scores as a list of numbers (None or text is refused, naming the
     sample), an (N,) tensor or array, or a generator of N numbers. In YAML::
 
         reward:
@@ -61,6 +61,8 @@ class FunctionReward(Reward):
 
     def score(self, inputs: RewardInputs) -> Tensor | Sequence[float]:
         """``fn``'s scores as it returned them (a generator drained to a list); the caller validates them."""
-        extra = {k: getattr(inputs, k) for k in self._kwargs}
+        names, takes_all = self._kwargs
+        available = {**{k: getattr(inputs, k) for k in EXTRA_KWARGS}, **inputs.extras}
+        extra = {k: v for k, v in available.items() if takes_all or k in names}
         out = self.fn(list(inputs.prompts), list(inputs.completions), list(inputs.answers), **extra)
         return list(out) if isinstance(out, Iterator) else out
