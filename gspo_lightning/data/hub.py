@@ -8,12 +8,11 @@ formatted by ``prompt_template`` from the row's columns) or chat messages; the o
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
 from gspo_lightning.data.prompts import PROMPT_SOURCES, PromptRecord, PromptSource, _to_records, answer_to_str
-from gspo_lightning.data.rows import Row, check_columns, table_rows
+from gspo_lightning.data.rows import Row, check_columns, check_val_size, hold_out, table_rows
 
 
 def _is_saved_to_disk(path: str) -> bool:
@@ -52,12 +51,7 @@ class DatasetPrompts(PromptSource):
         seed: int = 0,
         cache_dir: str | None = None,
     ) -> None:
-        if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or val_size < 0:
-            raise ValueError(f"val_size must be a row count (int >= 0) or a fraction in (0, 1); got {val_size!r}.")
-        if isinstance(val_size, float) and val_size >= 1:
-            raise ValueError(f"val_size={val_size!r}: a float is a fraction in (0, 1); pass an int for a row count.")
-        if val_split is not None and val_size:
-            raise ValueError("Pass either val_split (a held-out split) or val_size (rows split off split), not both.")
+        check_val_size(val_size, val_split, "val_split", "split")
         self.path, self.name, self.split = path, name, split
         self.prompt_column, self.answer_column, self.prompt_template = prompt_column, answer_column, prompt_template
         self.val_split, self.val_size, self.seed, self.cache_dir = val_split, val_size, seed, cache_dir
@@ -80,14 +74,8 @@ class DatasetPrompts(PromptSource):
         return self._splits
 
     def _hold_out(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
-        if not self.val_size:
-            return rows, []
-        n = len(rows)
-        n_val = self.val_size if isinstance(self.val_size, int) else max(1, round(n * self.val_size))
-        if n_val >= n:
-            raise ValueError(f"val_size={self.val_size!r} holds out {n_val} of {n} rows, leaving none to train on.")
-        held = set(random.Random(self.seed).sample(range(n), n_val))
-        return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+        where = f"{self.path!r} split {self.split!r}"
+        return hold_out(rows, self.val_size, self.seed, where, "Lower val_size or name a val_split.")
 
     def _rows(self, split: str) -> list[Row]:
         ds = self._dataset(split)

@@ -10,14 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from gspo_lightning.data.rows import Row, is_messages, table_rows
+from gspo_lightning.data.rows import Row, check_val_size, hold_out, is_messages, table_rows
 from gspo_lightning.registry import Registry
 
 FileFormat = Literal["auto", "json", "jsonl", "parquet", "csv"]
@@ -142,12 +141,7 @@ class FilePrompts(PromptSource):
         format: FileFormat = "auto",
         cache_dir: str | None = None,
     ) -> None:
-        if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or val_size < 0:
-            raise ValueError(f"val_size must be a row count (int >= 0) or a fraction in (0, 1); got {val_size!r}.")
-        if isinstance(val_size, float) and val_size >= 1:
-            raise ValueError(f"val_size={val_size!r}: a float is a fraction in (0, 1); pass an int for a row count.")
-        if val_path is not None and val_size:
-            raise ValueError("Pass either val_path (a held-out file) or val_size (rows split off path), not both.")
+        check_val_size(val_size, val_path, "val_path", "path")
         self.path = Path(path).expanduser()
         self.val_path = Path(val_path).expanduser() if val_path is not None else None
         self.prompt_column = prompt_column
@@ -177,19 +171,9 @@ class FilePrompts(PromptSource):
             self._splits = (_to_records(train_rows), _to_records(val_rows))
         return self._splits
 
-    def _split(self, rows: list[tuple[str, str | None]]) -> tuple[list, list]:
-        n = len(rows)
-        if not self.val_size:
-            return rows, []
-        n_val = self.val_size if isinstance(self.val_size, int) else max(1, round(n * self.val_size))
-        if n_val >= n:
-            raise ValueError(
-                f"val_size={self.val_size!r} holds out {n_val} of the {n} rows of {str(self.path)!r},"
-                " leaving no training prompts. Lower val_size or pass a separate val_path."
-            )
-        held_out = set(random.Random(self.seed).sample(range(n), n_val))
-        train = [row for i, row in enumerate(rows) if i not in held_out]
-        return train, [rows[i] for i in sorted(held_out)]
+    def _split(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+        fix = "Lower val_size or pass a separate val_path."
+        return hold_out(rows, self.val_size, self.seed, repr(str(self.path)), fix)
 
     def _read(self, path: Path) -> list[tuple[str, str | None]]:
         if not path.is_file():

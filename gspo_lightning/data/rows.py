@@ -8,6 +8,7 @@ receive as keyword arguments (as TRL's reward functions do).
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 Row = tuple[str, Any, "tuple[dict[str, Any], ...] | None", dict[str, Any]]
@@ -87,3 +88,34 @@ def _text(prompt: Any, messages: tuple | None, i: int, where: str, column: str) 
             " another prompt_column."
         )
     return prompt
+
+
+def check_val_size(val_size: Any, separate: Any, separate_name: str, where: str) -> None:
+    """Refuse a held-out size that is neither a row count nor a fraction in (0, 1), or one given together with a
+    separate held-out set (``separate_name``, e.g. ``val_path``; ``where``: what the rows are split off)."""
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or val_size < 0:
+        raise ValueError(f"val_size must be a row count (int >= 0) or a fraction in (0, 1); got {val_size!r}.")
+    if isinstance(val_size, float) and val_size >= 1:
+        raise ValueError(f"val_size={val_size!r}: a float is a fraction in (0, 1); pass an int for a row count.")
+    if separate is not None and val_size:
+        raise ValueError(
+            f"Pass either {separate_name} (a held-out set) or val_size (rows split off {where}), not both."
+        )
+
+
+def hold_out(rows: list, val_size: int | float, seed: int, where: str, fix: str) -> tuple[list, list]:
+    """``rows`` split into (train, held out): ``val_size`` rows drawn with ``seed`` (held-out ones in row order).
+
+    Raises:
+        ValueError: nothing would be left to train on (``fix`` says what to do).
+    """
+    n = len(rows)
+    if not val_size:
+        return rows, []
+    n_val = val_size if isinstance(val_size, int) else max(1, round(n * val_size))
+    if n_val >= n:
+        raise ValueError(
+            f"val_size={val_size!r} holds out {n_val} of the {n} rows of {where}, leaving no training prompts. {fix}"
+        )
+    held = set(random.Random(seed).sample(range(n), n_val))
+    return [row for i, row in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
