@@ -3,6 +3,7 @@
 from gspo_lightning.callbacks.heldout import HeldOutReport
 from gspo_lightning.callbacks.hf_export import HFExport
 from gspo_lightning.callbacks.moe_monitor import MoEMonitor
+from gspo_lightning.callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
 from gspo_lightning.callbacks.samples import SampleLogger
 
-__all__ = ["HFExport", "HeldOutReport", "MoEMonitor", "SampleLogger"]
+__all__ = ["HFExport", "HeldOutReport", "MoEMonitor", "SampleLogger", "StepRichProgressBar", "StepTQDMProgressBar"]
