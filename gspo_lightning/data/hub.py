@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gspo_lightning.data.prompts import PROMPT_SOURCES, PromptRecord, PromptSource, _to_records, answer_to_str
+from gspo_lightning.data.prompts import PROMPT_SOURCES, TablePromptSource, answer_to_str
 from gspo_lightning.data.rows import Row, check_columns, check_val_size, hold_out, table_rows
 
 
@@ -21,7 +21,7 @@ def _is_saved_to_disk(path: str) -> bool:
 
 
 @PROMPT_SOURCES.register
-class DatasetPrompts(PromptSource):
+class DatasetPrompts(TablePromptSource):
     """Prompts from ``datasets.load_dataset(path, name, split=split)`` (or ``load_from_disk(path)``).
 
     Args:
@@ -55,25 +55,14 @@ class DatasetPrompts(PromptSource):
         self.path, self.name, self.split = path, name, split
         self.prompt_column, self.answer_column, self.prompt_template = prompt_column, answer_column, prompt_template
         self.val_split, self.val_size, self.seed, self.cache_dir = val_split, val_size, seed, cache_dir
-        self._splits: tuple[list[PromptRecord], list[PromptRecord]] | None = None
 
-    def train(self) -> list[PromptRecord]:
-        return self._load()[0]
+    def _train_rows(self) -> list[Row]:
+        return self._rows(self.split)
 
-    def validation(self) -> list[PromptRecord]:
-        return self._load()[1]
+    def _held_out_rows(self) -> list[Row] | None:
+        return self._rows(self.val_split) if self.val_split is not None else None
 
-    def _load(self) -> tuple[list[PromptRecord], list[PromptRecord]]:
-        if self._splits is None:
-            rows = self._rows(self.split)
-            if self.val_split is not None:
-                train, held_out = rows, self._rows(self.val_split)
-            else:
-                train, held_out = self._hold_out(rows)
-            self._splits = (_to_records(train), _to_records(held_out))
-        return self._splits
-
-    def _hold_out(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+    def _split(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
         where = f"{self.path!r} split {self.split!r}"
         return hold_out(rows, self.val_size, self.seed, where, "Lower val_size or name a val_split.")
 

@@ -59,6 +59,38 @@ class PromptSource(ABC):
 PROMPT_SOURCES: Registry[PromptSource] = Registry("prompt source", PromptSource)
 
 
+class TablePromptSource(PromptSource):
+    """A source read from tables: training rows from one, held-out rows from a second one or drawn from the
+    first (``_split``); read once and kept."""
+
+    _splits: tuple[list[PromptRecord], list[PromptRecord]] | None = None
+
+    def train(self) -> list[PromptRecord]:
+        return self._load()[0]
+
+    def validation(self) -> list[PromptRecord]:
+        return self._load()[1]
+
+    def _load(self) -> tuple[list[PromptRecord], list[PromptRecord]]:
+        if self._splits is None:
+            rows, held_out = self._train_rows(), self._held_out_rows()
+            train_rows, val_rows = (rows, held_out) if held_out is not None else self._split(rows)
+            self._splits = (_to_records(train_rows), _to_records(val_rows))
+        return self._splits
+
+    @abstractmethod
+    def _train_rows(self) -> list[Row]:
+        """The training table's rows."""
+
+    @abstractmethod
+    def _held_out_rows(self) -> list[Row] | None:
+        """The rows of a separate held-out table, or None to draw them from the training rows."""
+
+    @abstractmethod
+    def _split(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+        """(train, held out) drawn from the training rows."""
+
+
 def answer_to_str(value: Any, where: str) -> str | None:
     """Convert a reference answer to text: ``57`` and ``57.0`` both give ``"57"``; ``None`` stays ``None``.
 
@@ -115,7 +147,7 @@ def resolve_format(path: Path, format: FileFormat) -> str:
 
 
 @PROMPT_SOURCES.register
-class FilePrompts(PromptSource):
+class FilePrompts(TablePromptSource):
     """Prompts from a local JSON / JSONL / Parquet / CSV file, one row per prompt.
 
     Args:
@@ -153,23 +185,12 @@ class FilePrompts(PromptSource):
         resolve_format(self.path, format)  # fail early on an unknown extension
         if self.val_path is not None:
             resolve_format(self.val_path, format)
-        self._splits: tuple[list[PromptRecord], list[PromptRecord]] | None = None
 
-    def train(self) -> list[PromptRecord]:
-        return self._load()[0]
+    def _train_rows(self) -> list[Row]:
+        return self._read(self.path)
 
-    def validation(self) -> list[PromptRecord]:
-        return self._load()[1]
-
-    def _load(self) -> tuple[list[PromptRecord], list[PromptRecord]]:
-        if self._splits is None:
-            rows = self._read(self.path)
-            if self.val_path is not None:
-                train_rows, val_rows = rows, self._read(self.val_path)
-            else:
-                train_rows, val_rows = self._split(rows)
-            self._splits = (_to_records(train_rows), _to_records(val_rows))
-        return self._splits
+    def _held_out_rows(self) -> list[Row] | None:
+        return self._read(self.val_path) if self.val_path is not None else None
 
     def _split(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
         fix = "Lower val_size or pass a separate val_path."

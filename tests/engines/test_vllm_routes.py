@@ -17,6 +17,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm", reason="vLLM is not installed here: bash .ci/vllm_tests.sh builds its env and runs this")
 
+from test_vllm_engine import train_steps  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from gspo_lightning.engines import SamplingConfig, VLLMEngine  # noqa: E402
@@ -149,18 +150,6 @@ def test_skipped_positions_without_stored_routes_stay_unmasked(demo):
     skipped[torch.arange(len(starts))[:, None], starts[:, None] + torch.arange(BLOCK)] = True
     assert torch.equal(gen.route_mask, expected & ~skipped)  # the cached block is unknown, the rest reported
     engine.push_weights(demo.policy)
-
-
-def train_steps(policy, steps: int = 3, lr: float = 1e-2) -> None:
-    """A few AdamW steps of next-token loss on random digit strings: the routing moves."""
-    ids = torch.randint(4, 16, (8, 12), generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr)
-    policy.train()
-    for _ in range(steps):
-        policy(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    policy.eval()
 
 
 def test_routes_follow_a_weight_sync(demo):
