@@ -46,7 +46,10 @@ class GenerationRoutes:
         if ids is None:
             ids = kwargs["inputs_embeds"]
         rows, width = ids.shape[0], ids.shape[1]
-        mask, cache = kwargs.get("attention_mask"), kwargs.get("past_key_values")
+        # older transformers pass the KV cache as `past_key_values`, 5.x as `cache`; recent ones drop the
+        # attention mask when no row is padded
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        mask = kwargs.get("attention_mask")
         seen = cache.get_seq_length() if cache is not None else 0
         end = mask.shape[-1] if mask is not None else seen + width  # generate's mask spans every column so far
         self._steps.append((end - width, width, [None] * len(self.routers)))
