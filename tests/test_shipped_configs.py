@@ -1,8 +1,10 @@
 """Every shipped YAML parses through the real CLI parser; CPU-runnable ones also instantiate."""
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gspo_lightning.cli import CONFIG_DIR, DEMO_CONFIG, cli_main, with_demo_default
 
@@ -93,3 +95,49 @@ def test_mismatch_presets_and_recipes_instantiate_on_the_demo(path):
         assert cli.model.pre_update.source == "rollout"
     if path.stem.startswith("grpo"):
         assert type(cli.model.objective.ratio).__name__ == "TokenRatio" and cli.model.objective.clip.eps_low == 0.2
+
+
+def header(path: Path) -> list[str]:
+    """The comment lines a config opens with."""
+    lines = path.read_text().splitlines()
+    return lines[: next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))]
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
+def test_every_config_states_the_hardware_it_was_sized_for(path):
+    sized = [line for line in header(path) if line.startswith("# Sized for: ")]
+    assert len(sized) == 1 and len(sized[0]) > len("# Sized for: ") + 10, f"{path.name}: add a '# Sized for: ' line"
+
+
+VLLM_CONFIGS = [p for p in GPU_ONLY if "VLLMEngine" in p.read_text()]
+
+
+def test_gpu_configs_generate_with_vllm():
+    names = {p.name for p in VLLM_CONFIGS}
+    assert names == {p.name for p in GPU_ONLY} and {"qwen3_0.6b_math.yaml", "qwen3_30b_a3b.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", VLLM_CONFIGS, ids=lambda p: p.stem)
+def test_vllm_sizing_is_consistent(path):
+    config = yaml.safe_load(path.read_text())
+    trainer, data = config["trainer"], config["data"]
+    engine = data["engine"]["init_args"]
+    # the engine plans for the longest prompt plus the longest response, no less (no more: KV cache is sized by it)
+    assert engine["max_model_len"] == data["max_prompt_length"] + data["sampling"]["max_new_tokens"]
+    # a tensor-parallel engine is made of training ranks (external_launcher): its size divides the world size
+    assert (trainer["devices"] * trainer.get("num_nodes", 1)) % engine["tensor_parallel_size"] == 0
+    assert engine["dtype"] == "bfloat16"  # not "policy": the trainer keeps float32 master weights
+    assert 0 < engine["gpu_memory_utilization"] < 1 and engine["max_num_seqs"] > 0
+    assert f"gpu_memory_utilization {engine['gpu_memory_utilization']}" in path.read_text()  # the header's arithmetic
+
+
+@pytest.mark.parametrize("path", VLLM_CONFIGS, ids=lambda p: p.stem)
+def test_header_says_how_to_run_without_vllm(path, capsys):
+    (flags,) = [f for line in header(path) for f in re.findall(r"`(--data\.engine TransformersEngine[^`]*)`", line)]
+    cli_args = ["fit", "--config", str(path), *flags.split(), "--print_config"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(cli_args)
+    assert exit_info.value.code in (0, None)
+    engine = yaml.safe_load(capsys.readouterr().out)["data"]["engine"]
+    assert engine["class_path"].endswith("TransformersEngine")
+    assert engine["init_args"]["batch_size"] > 0  # bounded: all prompts at once would not fit beside the trainer

