@@ -2,6 +2,8 @@
 
 ``gspo-lightning fit`` with no ``--config`` runs the embedded demo (``configs/demo.yaml``).
 ``gspo-lightning list [KIND ...]`` prints the registered components with their one-line descriptions.
+``gspo-lightning plan --config ... [--device_memory 80GiB]`` prints the run's memory budget per device
+(``gspo_lightning.plan``): it reads the configuration ``fit`` reads and instantiates none of it.
 
 Resuming (``--ckpt_path last`` across version folders, refusing broken checkpoint files, atomic writes):
 ``gspo_lightning.checkpoints``.
@@ -64,6 +66,7 @@ def list_components(kinds: Sequence[str] = ()) -> str:
 
 
 LIST_HELP = "List the registered components (ratios, advantages, clips, KLs, rewards, engines, prompt sources)."
+PLAN_HELP = "Print the run's memory budget per device (no weights loaded): does it fit, and what to turn if not."
 
 
 # -- misspelled components -------------------------------------------------------------------------------
@@ -139,9 +142,16 @@ class GSPOLightningCLI(LightningCLI):
         kinds = ", ".join(registries())
         list_parser.add_argument("kinds", nargs="*", default=[], metavar="KIND", help=f"Any of: {kinds}; none: all.")
         parser._subcommands_action.add_subcommand("list", list_parser, help=LIST_HELP)
+        plan_parser = self.init_parser(description=PLAN_HELP)
+        self._add_arguments(plan_parser)  # the fit configuration, parsed the same way
+        plan_parser.add_argument(
+            "--device_memory", type=str | None, default=None,
+            help="Memory of one device, e.g. 80GiB, 80GB, 81920MiB (default: the GPU's, or this machine's RAM).",
+        )  # fmt: skip
+        parser._subcommands_action.add_subcommand("plan", plan_parser, help=PLAN_HELP)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse ``args``; ``list`` prints the components and exits here, before any class is instantiated.
+        """Parse ``args``; ``list`` and ``plan`` print and exit here, before any class is instantiated.
 
         A ``--ckpt_path`` file is checked here too, before LightningCLI reads its hyperparameters.
         """
@@ -150,8 +160,12 @@ class GSPOLightningCLI(LightningCLI):
         if subcommand == "list":
             print(list_components(self.config.list.kinds))
             sys.exit(0)
+        if subcommand == "plan":
+            print(plan_text(self.config.plan))
+            sys.exit(0)
         if subcommand is not None:
             check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
+            check_engine_installed(self.config[subcommand])
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """The data module tokenizes with the model's tokenizer; sampling settings are given once, under data."""
@@ -217,6 +231,35 @@ class GSPOLightningCLI(LightningCLI):
             )
 
 
+def check_engine_installed(config) -> None:
+    """Exit with one line, before anything loads, when the config names ``VLLMEngine`` and vLLM is missing."""
+    engine = config.get("data", {}).get("engine") if hasattr(config, "get") else None
+    class_path = engine.get("class_path", "") if hasattr(engine, "get") else str(engine or "")
+    if class_path.rsplit(".", 1)[-1] != "VLLMEngine":
+        return
+    from gspo_lightning.engines.vllm_engine import INSTALL_HINT, SWITCH_HINT, vllm_installed
+
+    if not vllm_installed():
+        sys.stderr.write(f"error: data.engine is VLLMEngine, but vLLM is not installed. {INSTALL_HINT} {SWITCH_HINT}\n")
+        sys.exit(2)
+
+
+def plan_text(config) -> str:
+    """The text of ``gspo-lightning plan`` for its parsed configuration.
+
+    Raises:
+        SystemExit: what the planner cannot read or find offline, as one line.
+    """
+    from gspo_lightning.plan import plan_run, render
+
+    settings = config.as_dict()
+    device_memory = settings.pop("device_memory", None)
+    try:
+        return render(plan_run(settings, device_memory))
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> GSPOLightningCLI:
     """Build (and run) the LightningCLI. ``args`` excludes the program name."""
     from gspo_lightning.datamodule import RolloutDataModule
@@ -235,7 +278,11 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> GSPOLightni
 
 def with_demo_default(args: list[str]) -> list[str]:
     """Insert the demo config after the subcommand when no ``--config`` is given."""
-    if args and args[0] in ("fit", "validate") and not any(a == "--config" or a.startswith("--config=") for a in args):
+    if (
+        args
+        and args[0] in ("fit", "validate", "plan")
+        and not any(a == "--config" or a.startswith("--config=") for a in args)
+    ):
         return [args[0], "--config", str(DEMO_CONFIG), *args[1:]]
     return args
 

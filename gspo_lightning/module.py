@@ -100,6 +100,9 @@ class GSPOModule(pl.LightningModule):
         track_rollout_routing: ask the engine for its routes and log ``moe/rollout_routing_mismatch_frac`` even
             without ``routing_replay: rollout`` (which always logs it).
         fsdp_mixed_precision / fsdp_cpu_offload: FSDP2 options (bf16 compute with fp32 reduction; CPU offload).
+        sync_every_micro_batch: reduce gradients across ranks after every micro-batch, not only a mini-batch's
+            last; None: under sharded strategies (FSDP, FSDP2, ZeRO), which would otherwise hold every gradient
+            unsharded until the last micro-batch (``StrategyAdapter.backward_sync``).
         peft: a ``peft`` config (e.g. ``peft.LoraConfig``): train adapters only; the reference is the policy with
             its adapters off (``adapters``).
     """
@@ -141,6 +144,7 @@ class GSPOModule(pl.LightningModule):
         track_rollout_routing: bool = False,
         fsdp_mixed_precision: bool = False,
         fsdp_cpu_offload: bool = False,
+        sync_every_micro_batch: bool | None = None,
         peft: PeftConfig | None = None,
     ) -> None:
         super().__init__()
@@ -290,7 +294,8 @@ class GSPOModule(pl.LightningModule):
         micro = micro_batches(mini, self.hparams.micro_batch_size, self.hparams.micro_batch_tokens, self._agree)
         for j, (_, part) in enumerate(micro):
             # the routing context spans backward too: gradient checkpointing re-runs the routers
-            with adapter.backward_sync(j == len(micro) - 1, self.policy), self.routing_context(part, measure_mismatch):
+            last, every = j == len(micro) - 1, self.hparams.sync_every_micro_batch
+            with adapter.backward_sync(last, self.policy, every), self.routing_context(part, measure_mismatch):
                 loss, part_metrics = self.policy_loss(
                     self.policy, part, counts, self.routing, stats, measure_routing, measure_mismatch
                 )
@@ -298,6 +303,7 @@ class GSPOModule(pl.LightningModule):
             metrics.add_micro_batch(part_metrics, *response_counts(part.response_mask))
         optimizer.step()  # clips, or drops a non-finite gradient, in on_before_optimizer_step
         metrics.end_step({"policy/grad_norm": adapter.grad_norm_after_step(self._grad_norm)})
+        optimizer.zero_grad(set_to_none=True)  # the gradients' memory is free while the next rollout generates
         if scheduler is not None:
             scheduler.step()
         return self._skip_step

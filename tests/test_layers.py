@@ -26,6 +26,7 @@ LAYERS = [
     {"module"},
     {"callbacks"},
     {"checkpoints"},  # checkpoint files, for the CLI
+    {"plan"},  # the memory planner (reads configurations and model configs, loads nothing), for the CLI
     {"cli", "__init__"},
 ]
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}

@@ -43,6 +43,7 @@ class DemoSpec:
     experts_per_token: int = 2
     expert_size: int = 128
     num_digits: int = 2
+    reverse_digits: bool = False  # AdditionTask(reverse_digits=...): numbers least-significant digit first
     sft_steps: int = 600
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
@@ -57,6 +58,11 @@ BUILTINS: dict[str, DemoSpec] = {
     "tiny-qwen3-moe-addition": DemoSpec(),
     # no warm-up: for tests that only need a loadable model
     "tiny-qwen3-moe-random": DemoSpec(sft_steps=0),
+    # the MoE stability study (studies/moe_stability): 16 experts top-2 in 4 layers, 8-token answers
+    "tiny-qwen3-moe16-addition6r": DemoSpec(
+        num_layers=4, num_experts=16, num_digits=6, reverse_digits=True, sft_steps=1500
+    ),
+    "tiny-qwen3-moe16-random": DemoSpec(num_layers=4, num_experts=16, num_digits=6, reverse_digits=True, sft_steps=0),
 }
 
 
@@ -64,9 +70,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("GSPO_LIGHTNING_CACHE", Path.home() / ".cache" / "gspo_lightning"))
 
 
-def build_model(spec: DemoSpec, vocab_size: int, pad_id: int, eos_id: int, bos_id: int) -> Qwen3MoeForCausalLM:
-    """A randomly initialised tiny Qwen3-MoE."""
-    config = Qwen3MoeConfig(
+def demo_config(
+    spec: DemoSpec, vocab_size: int, pad_id: int | None = None, eos_id: int | None = None, bos_id: int | None = None
+) -> Qwen3MoeConfig:
+    """The architecture of a built-in model (``gspo-lightning plan`` reads it without building the model)."""
+    return Qwen3MoeConfig(
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.expert_size * 2,
@@ -84,6 +92,11 @@ def build_model(spec: DemoSpec, vocab_size: int, pad_id: int, eos_id: int, bos_i
         tie_word_embeddings=True,
         router_aux_loss_coef=0.01,
     )
+
+
+def build_model(spec: DemoSpec, vocab_size: int, pad_id: int, eos_id: int, bos_id: int) -> Qwen3MoeForCausalLM:
+    """A randomly initialised tiny Qwen3-MoE."""
+    config = demo_config(spec, vocab_size, pad_id, eos_id, bos_id)
     torch.manual_seed(spec.seed)
     return Qwen3MoeForCausalLM(config)
 
@@ -114,7 +127,7 @@ def supervised_warmup(model: Qwen3MoeForCausalLM, tokenizer, spec: DemoSpec) -> 
     """
     if spec.sft_steps == 0:
         return {"steps": 0, "probe_accuracy": float("nan")}
-    task = AdditionTask(num_digits=spec.num_digits, seed=spec.seed)
+    task = AdditionTask(num_digits=spec.num_digits, seed=spec.seed, reverse_digits=spec.reverse_digits)
     examples = task.sft_examples(spec.sft_steps * spec.sft_batch_size, seed=spec.seed)
     probe_prompts, probe_answers = zip(*task.sft_examples(spec.sft_probe_size, seed=spec.seed + 1))
     eos = tokenizer.eos_token
@@ -154,8 +167,13 @@ def supervised_warmup(model: Qwen3MoeForCausalLM, tokenizer, spec: DemoSpec) -> 
     return {"steps": steps, "probe_accuracy": accuracy}
 
 
+LATER_FIELDS = {"reverse_digits": False}  # fields added after models were cached: left out at their default
+
+
 def _spec_hash(spec: DemoSpec) -> str:
-    return hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
+    """A digest of ``spec``; fields added later count only when set, so existing cache folders keep their names."""
+    fields = {k: v for k, v in asdict(spec).items() if LATER_FIELDS.get(k, object()) != v}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def prepare_builtin(name: str, root: Path | None = None) -> Path:

@@ -55,12 +55,23 @@ class StrategyAdapter:
         summed = self.strategy.reduce(local_t, reduce_op="sum")
         return LossCounts(num_tokens=float(summed[0]), num_seqs=float(summed[1]))
 
-    def backward_sync(self, last: bool, policy: nn.Module | None = None) -> AbstractContextManager:
-        """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) of every micro-batch but the ``last``.
+    @property
+    def sharded(self) -> bool:
+        """Whether the strategy shards gradients (FSDP1, FSDP2, DeepSpeed ZeRO)."""
+        return isinstance(self.strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy))
 
-        FSDP2 then accumulates unsharded gradients until the last micro-batch: less communication, more memory.
+    def backward_sync(
+        self, last: bool, policy: nn.Module | None = None, every: bool | None = None
+    ) -> AbstractContextManager:
+        """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) of every micro-batch but the ``last``,
+        unless ``every`` (None: when the strategy shards gradients).
+
+        Skipping saves communication; DDP holds full gradients either way, so it costs nothing there. FSDP
+        would accumulate every gradient unsharded (float32 under mixed precision) until the last micro-batch:
+        for Qwen3-30B-A3B 114 GiB per GPU instead of 14 (``gspo-lightning plan``), so sharded strategies
+        reduce-scatter after every micro-batch by default.
         """
-        if last:
+        if last or (self.sharded if every is None else every):
             return nullcontext()
         if policy is not None and callable(getattr(policy, "set_requires_gradient_sync", None)):
             return _fsdp2_no_sync(policy)

@@ -30,10 +30,25 @@ def test_missing_vllm_stops_construction_with_install_and_switch_in_one_line(mon
 
 
 @vllm_missing
-def test_missing_vllm_stops_the_cli_while_it_builds_its_classes(monkeypatch):
-    # the policy is loaded in configure_model, at fit start; the engine is built before the Trainer exists
+def test_missing_vllm_stops_the_cli_with_one_line_before_anything_is_built(monkeypatch, capsys):
+    # jsonargparse would wrap the constructor's ImportError in a multi-line Union error with a traceback
+    built = []
+    monkeypatch.setattr("gspo_lightning.module.load_policy", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(VLLMEngine, "__init__", lambda *a, **k: built.append(a))
+    with pytest.raises(SystemExit) as info:
+        cli_main(["fit", "--config", str(DEMO_CONFIG), "--data.engine", "VLLMEngine"], run=True)
+    assert info.value.code == 2 and built == []
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: data.engine is VLLMEngine, but vLLM is not installed.")
+    assert "--data.engine TransformersEngine" in err
+
+
+@vllm_missing
+def test_missing_vllm_stops_the_engine_while_the_cli_builds_its_classes(monkeypatch):
+    # without the CLI's check (a config parsed elsewhere), the constructor still refuses before the policy loads
     loaded = []
     monkeypatch.setattr("gspo_lightning.module.load_policy", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr("gspo_lightning.cli.check_engine_installed", lambda config: None)
     with pytest.raises(ValueError, match=r"vLLM is not installed.*--data\.engine TransformersEngine"):
         cli_main(["--config", str(DEMO_CONFIG), "--data.engine", "VLLMEngine"], run=False)
     assert loaded == []

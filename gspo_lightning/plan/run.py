@@ -1,0 +1,313 @@
+"""What a run is, read from the configuration ``fit`` reads, without instantiating anything of it.
+
+:func:`run_spec` takes the parsed ``fit`` configuration as a plain dict (jsonargparse's ``as_dict``: classes as
+``{"class_path", "init_args"}``) and returns a :class:`RunSpec`: devices and strategy, precision, batch
+shapes, the parts that hold memory (reference model, adapters, optimizer states, rollout engine). Only a
+``peft`` config is built (a small dataclass), to count its adapters.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+StrategyKind = Literal["single", "ddp", "fsdp2", "fsdp", "deepspeed"]
+GIB = 2**30
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": GIB}
+_UNITS["tib"] = 2**40
+_PRECISIONS = {
+    None: "32-true", "32": "32-true", "32-true": "32-true", "64": "64-true", "64-true": "64-true",
+    "16": "16-mixed", "16-mixed": "16-mixed", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
+    "16-true": "16-true", "bf16-true": "bf16-true", "transformer-engine": "bf16-mixed",
+}  # fmt: skip
+_STATES = {"Adam": 2, "AdamW": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Adagrad": 1, "Adadelta": 2, "LBFGS": 2}
+
+
+def parse_memory(text: str) -> int:
+    """Bytes of a size such as ``80GiB``, ``80 GB``, ``81920MiB`` or ``1.5TiB`` (GB = 10^9, GiB = 2^30).
+
+    Raises:
+        ValueError: no number or no known unit (one line with examples).
+    """
+    cleaned = str(text).strip().replace(" ", "").lower()
+    number = cleaned.rstrip("kmgtib")
+    unit = cleaned[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or value <= 0:
+        raise ValueError(f"--device_memory {text!r}: give a size with a unit, e.g. 80GiB, 80GB or 81920MiB.")
+    return int(value * _UNITS[unit])
+
+
+def host_memory() -> int:
+    """This machine's RAM in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """How the trainer's state is laid out over the data-parallel ranks.
+
+    Attributes:
+        kind: single device, DDP, FSDP2 (Lightning ``ModelParallelStrategy``), FSDP1 (``FSDPStrategy``), DeepSpeed.
+        label: how the table names it.
+        shards: ranks each sharded state is split over (1: replicated).
+        shard_params / shard_grads / shard_optimizer: which states are split (ZeRO-1/2/3, FSDP).
+        offload_params / offload_optimizer: those states live in host memory (FSDP2/FSDP1 CPU offload, ZeRO offload).
+    """
+
+    kind: StrategyKind
+    label: str
+    shards: int = 1
+    shard_params: bool = False
+    shard_grads: bool = False
+    shard_optimizer: bool = False
+    offload_params: bool = False
+    offload_optimizer: bool = False
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """The rollout engine: ``transformers`` (``generate`` on the policy), ``vllm`` (colocated), or ``other``."""
+
+    kind: Literal["transformers", "vllm", "other"]
+    name: str
+    batch_size: int | None = None
+    gpu_memory_utilization: float = 0.5
+    enable_sleep_mode: bool = False
+    tensor_parallel_size: int = 1
+    kv_cache_memory_bytes: int | None = None
+    dtype: str = "policy"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything the planner reads of a run (one line each; see ``GSPOModule`` / ``RolloutDataModule``)."""
+
+    model: str
+    trust_remote_code: bool
+    accelerator: Literal["cpu", "gpu"]
+    devices: int
+    num_nodes: int
+    strategy: StrategySpec
+    precision: str
+    dtype: str
+    gradient_checkpointing: bool
+    micro_batch_size: int | None
+    micro_batch_tokens: int | None
+    mini_batches: int
+    logprob_chunk_size: int | None
+    reference: bool
+    peft: Any | None
+    fsdp_mixed_precision: bool
+    sync_every_micro_batch: bool | None
+    optimizer: str
+    optimizer_states: int
+    records_routing: bool
+    engine: EngineSpec
+    prompts_per_step: int
+    num_samples: int
+    max_new_tokens: int
+    max_prompt_length: int
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+
+def _class(value: Any) -> tuple[str, dict[str, Any]]:
+    """``(class name, init_args)`` of a parsed class value (a dict with ``class_path``, or a plain string)."""
+    if isinstance(value, dict):
+        return str(value.get("class_path", "")).rsplit(".", 1)[-1], dict(value.get("init_args") or {})
+    return ("" if value is None else str(value)), {}
+
+
+def _import(value: dict[str, Any]) -> Any:
+    module, _, name = str(value["class_path"]).rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _with_defaults(value: dict[str, Any]) -> dict[str, Any]:
+    """A class value's init_args over its ``__init__`` defaults."""
+    params = inspect.signature(_import(value)).parameters.values()
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return {**defaults, **(value.get("init_args") or {})}
+
+
+def _devices(value: Any, accelerator: str) -> int:
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    if isinstance(value, int) and value > 0:
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    if isinstance(value, str) and "," in value:
+        return len([v for v in value.split(",") if v.strip()])
+    if accelerator == "gpu":
+        import torch
+
+        return max(torch.cuda.device_count(), 1)
+    return 1
+
+
+def _accelerator(value: Any) -> Literal["cpu", "gpu"]:
+    name, _ = _class(value)
+    name = name.lower().removesuffix("accelerator")
+    if name in ("", "auto"):
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "cpu" if name == "cpu" else "gpu"
+
+
+def _deepspeed(args: dict[str, Any], shards: int, label: str) -> StrategySpec:
+    zero = ((args.get("config") or {}).get("zero_optimization") or {}) if isinstance(args.get("config"), dict) else {}
+    stage = int(zero.get("stage", args.get("stage", 2)))
+    offload_opt = bool(args.get("offload_optimizer")) or (zero.get("offload_optimizer") or {}).get("device") in (
+        "cpu", "nvme",
+    )  # fmt: skip
+    offload_par = bool(args.get("offload_parameters")) or (zero.get("offload_param") or {}).get("device") in (
+        "cpu", "nvme",
+    )  # fmt: skip
+    offload = " + offload" if offload_opt or offload_par else ""
+    return StrategySpec(
+        "deepspeed", f"{label} ZeRO-{stage}{offload} over {shards}", shards, stage >= 3, stage >= 2, stage >= 1,
+        offload_par and stage >= 3, offload_opt,
+    )  # fmt: skip
+
+
+def strategy_spec(value: Any, world: int, devices: int) -> StrategySpec:
+    """The :class:`StrategySpec` of ``trainer.strategy`` (a name or a class value) on ``world`` ranks.
+
+    Raises:
+        ValueError: a strategy the planner does not model (one line listing those it does).
+    """
+    name, args = _class(value)
+    lowered = name.lower()
+    if lowered in ("", "auto", "singledevicestrategy", "single_device") and world == 1:
+        return StrategySpec("single", "single device")
+    if lowered in ("", "auto") or lowered.startswith("ddp") or name == "DDPStrategy":
+        return StrategySpec("ddp", f"DDP over {world} (full replica per rank)", world)
+    if name == "ModelParallelStrategy":
+        tp = int(args.get("tensor_parallel_size", 1) or 1)
+        dp = args.get("data_parallel_size", "auto")
+        dp = world // tp if dp in (None, "auto") else int(dp)
+        return StrategySpec("fsdp2", f"FSDP2 over {dp} (ModelParallelStrategy)", dp, True, True, True)
+    if name == "FSDPStrategy" or lowered.startswith("fsdp"):
+        sharding = str(args.get("sharding_strategy", "FULL_SHARD")).upper().rsplit(".", 1)[-1]
+        shards = devices if sharding.startswith("HYBRID") else (1 if sharding == "NO_SHARD" else world)
+        offload = bool(args.get("cpu_offload")) or "offload" in lowered
+        full = sharding != "NO_SHARD"
+        label = f"FSDP {sharding} over {shards}{' + CPU offload' if offload else ''}"
+        return StrategySpec("fsdp", label, shards, full, full, full, offload and full, offload and full)
+    if name == "DeepSpeedStrategy" or lowered.startswith("deepspeed"):
+        if not args:
+            parts = lowered.split("_")
+            stage = next((int(p) for p in parts if p.isdigit()), 2)
+            args = {"stage": stage, "offload_optimizer": "offload" in parts, "offload_parameters": "offload" in parts}
+        return _deepspeed(args, world, "DeepSpeed")
+    raise ValueError(
+        f"trainer.strategy={name!r}: the planner models auto, ddp*, fsdp*, deepspeed* and Lightning's"
+        " DDPStrategy, ModelParallelStrategy (FSDP2), FSDPStrategy and DeepSpeedStrategy; use one of them."
+    )
+
+
+def _engine(value: Any) -> EngineSpec:
+    name, _ = _class(value)
+    if name not in ("TransformersEngine", "VLLMEngine"):
+        return EngineSpec("other", name or "none")
+    args = _with_defaults(value) if isinstance(value, dict) else {}
+    if name == "TransformersEngine":
+        return EngineSpec("transformers", name, batch_size=args.get("batch_size"))
+    return EngineSpec(
+        "vllm", name,
+        gpu_memory_utilization=float(args.get("gpu_memory_utilization", 0.5)),
+        enable_sleep_mode=bool(args.get("enable_sleep_mode", False)),
+        tensor_parallel_size=int(args.get("tensor_parallel_size", 1) or 1),
+        kv_cache_memory_bytes=args.get("kv_cache_memory_bytes"),
+        dtype=str(args.get("dtype", "policy")),
+    )  # fmt: skip
+
+
+def _optimizer(value: Any) -> tuple[str, int]:
+    """The optimizer's name and its states per trainable parameter (AdamW when none is given)."""
+    name, args = _class(value)
+    name = name or "AdamW"
+    if name == "SGD":
+        return name, int(float(args.get("momentum", 0.0) or 0.0) > 0)
+    if name == "RMSprop":
+        return name, 1 + int(float(args.get("momentum", 0.0) or 0.0) > 0) + int(bool(args.get("centered")))
+    return name, _STATES.get(name, 2)
+
+
+def _peft(value: Any) -> Any | None:
+    """The ``peft`` config, built by jsonargparse as ``fit`` builds it (nested dataclass fields included)."""
+    if not value:
+        return None
+    from jsonargparse import ArgumentParser
+    from peft import PeftConfig
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--peft", type=PeftConfig)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notes on options the parse spelled out at their defaults
+        return parser.instantiate_classes(parser.parse_object({"peft": value})).peft
+
+
+def _needs_reference(model: dict[str, Any]) -> bool:
+    """A reference model is loaded when ``kl_coef > 0`` or the advantage reads reference log-probs."""
+    advantage = model.get("advantage")
+    needs_ref = bool(getattr(_import(advantage), "needs_ref", False)) if isinstance(advantage, dict) else False
+    return float(model.get("kl_coef", 0.0) or 0.0) > 0 or needs_ref
+
+
+def run_spec(config: dict[str, Any]) -> RunSpec:
+    """The :class:`RunSpec` of a parsed ``fit`` configuration (``Namespace.as_dict()``)."""
+    trainer, model, data = config.get("trainer") or {}, config.get("model") or {}, config.get("data") or {}
+    accelerator = _accelerator(trainer.get("accelerator"))
+    devices = _devices(trainer.get("devices", "auto"), accelerator)
+    nodes = int(trainer.get("num_nodes", 1) or 1)
+    precision = str(trainer.get("precision")) if trainer.get("precision") is not None else None
+    if precision not in _PRECISIONS:
+        known = ", ".join(sorted(set(_PRECISIONS.values())))
+        raise ValueError(f"trainer.precision={precision!r}: the planner models {known}; use one of them.")
+    optimizer, states = _optimizer(model.get("optimizer"))
+    mini_batches, epochs = int(model.get("mini_batches", 4)), int(model.get("epochs", 1))
+    on_policy = mini_batches == 1 and epochs == 1 and model.get("old_logprobs", "auto") == "auto"
+    replay = model.get("routing_replay", "off")
+    replay = ("old" if replay else "off") if isinstance(replay, bool) else str(replay)
+    track = bool(model.get("track_routing_change", True)) or bool(model.get("track_rollout_routing", False))
+    sampling = data.get("sampling") or {}
+    return RunSpec(
+        model=str(model.get("model", "builtin:tiny-qwen3-moe-addition")),
+        trust_remote_code=bool(model.get("trust_remote_code", False)),
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=nodes,
+        strategy=strategy_spec(trainer.get("strategy", "auto"), devices * nodes, devices),
+        precision=_PRECISIONS[precision],
+        dtype=str(model.get("dtype", "float32")),
+        gradient_checkpointing=bool(model.get("gradient_checkpointing", False)),
+        micro_batch_size=model.get("micro_batch_size"),
+        micro_batch_tokens=model.get("micro_batch_tokens"),
+        mini_batches=mini_batches,
+        logprob_chunk_size=model.get("logprob_chunk_size", 256),
+        reference=_needs_reference(model),
+        peft=_peft(model.get("peft")),
+        fsdp_mixed_precision=bool(model.get("fsdp_mixed_precision", False)),
+        sync_every_micro_batch=model.get("sync_every_micro_batch"),
+        optimizer=optimizer,
+        optimizer_states=states,
+        records_routing=(replay != "off" or track) and (replay != "off" or not on_policy),
+        engine=_engine(data.get("engine")),
+        prompts_per_step=int(data.get("prompts_per_step", 32)),
+        num_samples=int(data.get("num_samples", 8)),
+        max_new_tokens=int(sampling.get("max_new_tokens") or model.get("max_new_tokens") or 256),
+        max_prompt_length=int(data.get("max_prompt_length", 512)),
+    )
