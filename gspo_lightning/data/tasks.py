@@ -41,17 +41,31 @@ class AdditionTask(PromptSource):
     Operands are uniform in ``[0, 10**num_digits - 1]``. The held-out split depends only on
     ``(num_digits, num_val, seed)``, so changing ``num_train`` keeps it fixed.
 
+    With ``reverse_digits`` every number is written least-significant digit first, operands zero-padded to
+    ``num_digits`` and the sum to ``num_digits + 1`` digits: ``"12+5="`` becomes ``"21+50="`` -> ``"710"``. Each
+    answer digit then follows from digits already seen (the carry travels in writing order), which small models
+    learn quickly, and every answer has the same ``num_digits + 1`` tokens: the MoE stability study uses it
+    for long responses (6 digits: 7 answer tokens + EOS).
+
     Args:
         num_digits: the largest operand has this many digits.
         num_train: distinct pairs in the train split.
         num_val: distinct pairs in the held-out split (disjoint from train).
         seed: seed of the generator; same seed, same splits.
+        reverse_digits: write numbers least-significant digit first, at fixed widths (see above).
 
     Raises:
         ValueError: ``num_train + num_val`` exceeds the ``10**(2 * num_digits)`` distinct pairs.
     """
 
-    def __init__(self, num_digits: int = 2, num_train: int = 9500, num_val: int = 500, seed: int = 0) -> None:
+    def __init__(
+        self,
+        num_digits: int = 2,
+        num_train: int = 9500,
+        num_val: int = 500,
+        seed: int = 0,
+        reverse_digits: bool = False,
+    ) -> None:
         if num_digits < 1:
             raise ValueError(f"num_digits must be >= 1, got {num_digits}.")
         if num_train < 1 or num_val < 0:
@@ -60,6 +74,7 @@ class AdditionTask(PromptSource):
         self.num_train = num_train
         self.num_val = num_val
         self.seed = seed
+        self.reverse_digits = reverse_digits
         self.base = 10**num_digits
         total = self.base**2
         if num_train + num_val > total:
@@ -102,5 +117,10 @@ class AdditionTask(PromptSource):
         records = []
         for i, code in enumerate(codes):
             a, b = divmod(code, self.base)
-            records.append(PromptRecord(text=f"{a}+{b}=", answer=str(a + b), index=i))
+            if self.reverse_digits:
+                n = self.num_digits
+                text, answer = f"{a:0{n}d}"[::-1] + "+" + f"{b:0{n}d}"[::-1] + "=", f"{a + b:0{n + 1}d}"[::-1]
+            else:
+                text, answer = f"{a}+{b}=", str(a + b)
+            records.append(PromptRecord(text=text, answer=answer, index=i))
         return records
