@@ -4,7 +4,7 @@ Written next to each other in the study's output folder, so the figures can be r
 
 - ``metrics.csv``: one row per rollout batch of every run (``arm, seed, rollout_batch, train_s`` and the columns
   of ``METRICS``), plus one row per held-out evaluation (``val_accuracy``, ``val_accuracy_sampled``); a row
-  with ``rollout_batch`` 0 holds the accuracy before training.
+  with ``rollout_batch`` 0 holds the accuracy before training; ``below_start`` flags evaluations under it.
 - ``runs.csv``: per run, the start / final / best accuracy, the area under the curve, the collapse flag and
   the means of the stability metrics.
 - ``summary.md``: per arm, mean +- std over seeds, collapses, and the accuracy at a common wall-clock budget.
@@ -68,6 +68,7 @@ def tidy_run(metrics_csv: Path, arm: str, seed: int) -> pd.DataFrame:
         }
     ).drop_duplicates("rollout_batch", keep="last")
     evals["train_s"] = evals["rollout_batch"].map(dict(zip(steps["rollout_batch"], steps["train_s"]))).fillna(0.0)
+    evals["below_start"] = evals["val_accuracy"] < evals["val_accuracy"].iloc[0]  # a collapse is 3 in a row at the end
     return pd.concat([steps, evals], ignore_index=True).sort_values(["rollout_batch", "val_accuracy"])
 
 
