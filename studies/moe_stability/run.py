@@ -4,7 +4,7 @@ Every arm is ``gspo-lightning fit`` on ``base.yaml`` + one algorithm preset from
 most one overlay of this folder, so the arms share model, prompts, batch and optimiser and differ only in the
 algorithm (docs/moe_stability.md says what was run and what it found)::
 
-    python studies/moe_stability/run.py            # 5 arms x 3 seeds, ~30 min on 2 CPU cores
+    python studies/moe_stability/run.py            # 5 arms x 3 seeds, ~17 min on 2 idle CPU cores
     python studies/moe_stability/run.py --quick     # 5 arms x 1 seed x 6 rollout batches, untrained model
 
 Each run is its own process (``--jobs`` at a time, ``OMP_NUM_THREADS=--threads`` each) writing a CSV log under
