@@ -103,8 +103,8 @@ def accuracy_at(rows: pd.DataFrame, train_s: float) -> float:
 
 
 def arm_table(metrics: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, float]:
-    """Per arm: mean +- std over seeds, collapses, and the accuracy at the common wall-clock budget (the
-    training time of the fastest arm's slowest-to-finish mean)."""
+    """Per arm: mean +- std over seeds, collapses, and the accuracy at the common wall-clock budget (the mean
+    training time of the fastest arm)."""
     budget = float(runs.groupby("arm")["train_s"].mean().min())
     at_budget = {(arm, seed): accuracy_at(group, budget) for (arm, seed), group in metrics.groupby(["arm", "seed"])}
     runs = runs.assign(accuracy_at_budget=[at_budget[(a, s)] for a, s in zip(runs["arm"], runs["seed"])])
