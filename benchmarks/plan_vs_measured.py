@@ -7,7 +7,7 @@ with the first's optimizer states and gradients) on a random-init model of real 
 module set up: tokenizer and prompts loaded), and the peaks sampled in generation and in the update. Predicted:
 the planner on the same parsed configuration (``plan_run`` on what ``fit`` parses), this machine's RAM as the
 device. A random model practically never samples EOS, and every prompt has the same length, set as
-``data.max_prompt_length``: the planner's worst case (full-length prompts and responses) is what runs.
+``data.encoding.max_prompt_length``: the planner's worst case (full-length prompts and responses) is what runs.
 
     python benchmarks/plan_vs_measured.py [--only NAME ...] [--workdir DIR]
 """
@@ -75,9 +75,10 @@ def write_config(workdir: Path, name: str, c: dict) -> Path:
         rows = [{"prompt": " ".join(rng.choice("0123456789") for _ in range(PROMPT_WORDS))} for _ in range(64)]
         prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-6}}
-    model = {"model": str(model_dir(workdir, c)), "dtype": "float32", "gradient_checkpointing": c["ckpt"]}
-    model.update({"mini_batches": 2, "optimizer": optimizer})
-    model.update({"micro_batch_tokens": c["tokens"]} if "tokens" in c else {"micro_batch_size": c["micro"]})
+    model = {"policy": {"path": str(model_dir(workdir, c)), "dtype": "float32", "gradient_checkpointing": c["ckpt"]}}
+    model.update({"update": {"mini_batches": 2}, "optimizer": optimizer})
+    split = {"micro_batch_tokens": c["tokens"]} if "tokens" in c else {"micro_batch_size": c["micro"]}
+    model["batching"] = split
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -97,9 +98,8 @@ def write_config(workdir: Path, name: str, c: dict) -> Path:
             "prompts": {"class_path": "FilePrompts", "init_args": {"path": str(prompts), "answer_column": None}},
             "rewards": [{"class_path": "FunctionReward", "init_args": {"fn": "e2e_vs_trl.length_reward"}}],
             "engine": {"class_path": "TransformersEngine", "init_args": {"batch_size": c["prompts"]}},
-            "prompts_per_step": c["prompts"],
-            "num_samples": c["samples"],
-            "max_prompt_length": 2 * PROMPT_WORDS - 1,
+            "rollout": {"prompts_per_step": c["prompts"], "num_samples": c["samples"]},
+            "encoding": {"max_prompt_length": 2 * PROMPT_WORDS - 1},
             "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": c["new"]},
         },
     }

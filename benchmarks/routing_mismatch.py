@@ -19,10 +19,11 @@ import argparse
 import torch
 
 from gspo_lightning.data import AdditionTask
-from gspo_lightning.datamodule import RolloutDataModule
 from gspo_lightning.engines import ENGINES, SamplingConfig
 from gspo_lightning.module import GSPOModule
 from gspo_lightning.moe.routing import rollout_mismatch_counts
+from gspo_lightning.rollout import PolicyLink, RolloutDataModule, RolloutOptions
+from gspo_lightning.training.options import MoEOptions, PolicyOptions, UpdateOptions
 
 
 def rollout_batch(model: str, engine_name: str, prompts: int, samples: int, max_new_tokens: int, policy):
@@ -31,14 +32,12 @@ def rollout_batch(model: str, engine_name: str, prompts: int, samples: int, max_
     dm = RolloutDataModule(
         prompts=AdditionTask(num_train=max(prompts, 8), num_val=4, seed=0),
         tokenizer=model,
-        prompts_per_step=prompts,
-        num_samples=samples,
+        rollout=RolloutOptions(prompts_per_step=prompts, num_samples=samples),
         sampling=SamplingConfig(max_new_tokens=max_new_tokens),
         engine=engine,
     )
     dm.setup("fit")
-    dm.request_routes()
-    dm.bind_policy(policy)
+    dm.connect(PolicyLink(policy, report_routes=True))
     torch.manual_seed(0)
     batch = dm.next_rollout()
     if hasattr(engine, "shutdown"):
@@ -78,7 +77,11 @@ def main() -> None:
     )
     for model in args.model:
         modules = {
-            mode: GSPOModule(model=model, routing_replay=mode, mini_batches=2, dtype=args.dtype)
+            mode: GSPOModule(
+                policy=PolicyOptions(path=model, dtype=args.dtype),
+                moe=MoEOptions(routing_replay=mode),
+                update=UpdateOptions(mini_batches=2),
+            )
             for mode in ("off", "rollout")
         }
         for module in modules.values():

@@ -97,6 +97,7 @@ def run_module(args, variant: str, folder: Path) -> dict[str, float]:
     import torch
 
     from gspo_lightning.module import GSPOModule
+    from gspo_lightning.training.options import BatchingOptions, LossOptions, PolicyOptions, UpdateOptions
 
     n = args.prompts * args.samples
     batches = [
@@ -105,12 +106,11 @@ def run_module(args, variant: str, folder: Path) -> dict[str, float]:
     ]
     split = {"micro_batch_size": args.micro_size} if variant == "padded" else {"micro_batch_tokens": args.budget}
     module = GSPOModule(
-        model=str(folder),
-        mini_batches=args.mini_batches,
-        padding_free=variant == "packed",
-        max_new_tokens=args.max_response,
+        policy=PolicyOptions(path=str(folder)),
+        update=UpdateOptions(mini_batches=args.mini_batches),
+        batching=BatchingOptions(padding_free=variant == "packed", **split),
+        loss=LossOptions(max_new_tokens=args.max_response),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-6),
-        **split,
     )
     times: list[dict[str, float]] = []
 
@@ -119,6 +119,9 @@ def run_module(args, variant: str, folder: Path) -> dict[str, float]:
 
         def train_dataloader(self):
             return torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch)
+
+        def connect(self, link) -> None:  # no engine: nothing generates
+            return None
 
         def sync_weights(self, policy) -> None:
             return None

@@ -29,7 +29,7 @@ class RolloutBatch:
         response_mask: (N, T) bool, True on real response tokens (the sampled tokens that are trained on).
         rewards: (N,) float32, the scalar reward of each sequence, as the reward functions scored it.
         penalised_rewards: (N,) float32, ``rewards`` less the KL penalty when the KL term is applied in the
-            reward (``model.kl_in_reward``), or None. Advantages read :attr:`advantage_rewards`.
+            reward (``model.loss.kl_in_reward``), or None. Advantages read :attr:`advantage_rewards`.
         group_ids: (N,) int64; the G samples of one prompt share an id.
         old_logprobs: (N, T) log pi_old of the sampled tokens (behaviour policy), or None until computed.
         ref_logprobs: (N, T) log pi_ref of the sampled tokens, or None when no reference model is used.

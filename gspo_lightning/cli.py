@@ -17,6 +17,7 @@ import sys
 import warnings
 from argparse import ArgumentError
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -69,6 +70,49 @@ LIST_HELP = "List the registered components (ratios, advantages, clips, KLs, rew
 PLAN_HELP = "Print the run's memory budget per device (no weights loaded): does it fit, and what to turn if not."
 
 
+# -- options that moved into groups ---------------------------------------------------------------------------
+_RENAMED = {
+    "model.model": "model.policy.path",
+    "data.val_size": "data.heldout.size",
+    "data.val_num_samples": "data.heldout.num_samples",
+    "data.val_batch_size": "data.heldout.batch_size",
+}
+"""Old options whose name changed too, not only their place (the others keep their name inside a group)."""
+
+
+def moved_options() -> dict[str, str]:
+    """Every flat option of the module and the data module before they were grouped -> its path now
+    (``model.mini_batches`` -> ``model.update.mini_batches``), read off the option groups themselves."""
+    from gspo_lightning.rollout.options import EncodingOptions, HeldOutOptions, RolloutOptions
+    from gspo_lightning.training.options import ModuleOptions
+
+    groups = {f"model.{f.name}": f.default_factory for f in fields(ModuleOptions)}
+    groups.update({"data.rollout": RolloutOptions, "data.encoding": EncodingOptions, "data.heldout": HeldOutOptions})
+    paths = [(group, f.name) for group, cls in groups.items() for f in fields(cls)]
+    renamed = set(_RENAMED.values())
+    moved = {f"{g.split('.')[0]}.{name}": f"{g}.{name}" for g, name in paths if f"{g}.{name}" not in renamed}
+    return {**moved, **_RENAMED}
+
+
+_UNRECOGNIZED = re.compile(r"unrecognized arguments: (.+)")
+_NOT_ACCEPTED = re.compile(r"Group '(?:\w+\.)?(model|data)' does not accept (?:nested key|option) '([\w.]+)'")
+
+
+def moved_option_message(message: str) -> str | None:
+    """One line naming the new path of an old flat option in a parse error (command line or YAML), else None."""
+    moved, names = moved_options(), []
+    found = _UNRECOGNIZED.search(message)
+    if found:
+        names = [a.removeprefix("--").split("=")[0] for a in found.group(1).split() if a.startswith("--")]
+    for group, key in _NOT_ACCEPTED.findall(message):
+        names.append(f"{group}.{key}")
+    hits = [(n, moved[n]) for n in names if n in moved]
+    if not hits:
+        return None
+    renames = "; ".join(f"{old} is now {new}" for old, new in hits)
+    return f"{renames} (the options are grouped: `gspo-lightning fit --help` lists them)."
+
+
 # -- misspelled components -------------------------------------------------------------------------------
 _UNKNOWN_NAME = re.compile(r"Expected a dot import path string: (\S+)")
 _PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
@@ -115,11 +159,12 @@ def unknown_component_message(message: str) -> str | None:
 
 
 class GSPOArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser; a misspelled component name is one line suggesting the nearest registered one."""
+    """LightningCLI's parser; a misspelled component name is one line suggesting the nearest registered one, and
+    an option from before the option groups one line naming its new path."""
 
     @override
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        hint = unknown_component_message(message)
+        hint = moved_option_message(message) or unknown_component_message(message)
         if hint is None:
             super().error(message, ex)
         if not self.exit_on_error:
@@ -169,9 +214,9 @@ class GSPOLightningCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """The data module tokenizes with the model's tokenizer; sampling settings are given once, under data."""
-        parser.link_arguments("model.model", "data.tokenizer")
-        parser.link_arguments("data.sampling.temperature", "model.temperature")
-        parser.link_arguments("data.sampling.max_new_tokens", "model.max_new_tokens")
+        parser.link_arguments("model.policy.path", "data.tokenizer")
+        parser.link_arguments("data.sampling.temperature", "model.loss.temperature")
+        parser.link_arguments("data.sampling.max_new_tokens", "model.loss.max_new_tokens")
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
@@ -219,14 +264,14 @@ class GSPOLightningCLI(LightningCLI):
 
     def _warn_if_max_steps_rounds_up(self) -> None:
         """``trainer.max_steps`` counts optimizer steps; training stops only after a whole rollout batch."""
-        hparams = self.model.hparams
-        mini_batches, epochs = hparams.get("mini_batches", 1), hparams.get("epochs", 1)
-        per_batch, max_steps = mini_batches * epochs, self.trainer.max_steps
+        update = self.model.options.update
+        mini_batches, epochs = update.mini_batches, update.epochs
+        per_batch, max_steps = update.steps_per_rollout, self.trainer.max_steps
         if max_steps > 0 and max_steps % per_batch:
             rounded = -(-max_steps // per_batch) * per_batch
             rank_zero_warn(
                 f"trainer.max_steps={max_steps} is not a multiple of the {per_batch} optimizer steps per rollout"
-                f" batch (model.mini_batches={mini_batches} x model.epochs={epochs}); training stops after whole"
+                f" batch (model.update.mini_batches={mini_batches} x epochs={epochs}); training stops after whole"
                 f" rollout batches, so it rounds up to {rounded}. Set a multiple of {per_batch} to silence this."
             )
 
@@ -262,8 +307,8 @@ def plan_text(config) -> str:
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> GSPOLightningCLI:
     """Build (and run) the LightningCLI. ``args`` excludes the program name."""
-    from gspo_lightning.datamodule import RolloutDataModule
     from gspo_lightning.module import GSPOModule
+    from gspo_lightning.rollout import RolloutDataModule
 
     return GSPOLightningCLI(
         GSPOModule,

@@ -1,8 +1,8 @@
 """Sharded models: FSDP2 sharding per decoder layer, sharding predicates, and gathering full weights.
 
 This module knows about parameters, not about training loops: the training side
-(:mod:`gspo_lightning.training.strategy`) and the rollout engines, which hold their own copy of the weights,
-both import it.
+(:mod:`gspo_lightning.training.strategy`), the rollout engines, which hold their own copy of the weights, and
+the export callback (:mod:`gspo_lightning.callbacks.hf_export`) all import it.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def is_zero3(model: nn.Module) -> bool:
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The full (unsharded) state dict on the CPU. A collective call when the model is sharded (FSDP2
-    DTensors, DeepSpeed ZeRO-3): every rank must make it; each gets the full weights."""
+    DTensors, DeepSpeed ZeRO-3): every rank must make it; under ZeRO-3 each gets the full weights, under FSDP2
+    global rank 0 only (an empty dict elsewhere)."""
     if is_zero3(model):
         import deepspeed
 
@@ -98,3 +99,36 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
         return get_model_state_dict(model, options=options)
     return {name: value.detach().cpu() for name, value in model.state_dict().items()}
+
+
+def is_fsdp1(model: nn.Module) -> bool:
+    """True when ``model`` is, or holds, an FSDP1 ``FullyShardedDataParallel`` wrapper (Lightning's
+    ``FSDPStrategy``); FSDP2's ``fully_shard`` modules are not."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+
+
+def full_child_state_dict(root: nn.Module, name: str, child: nn.Module) -> dict[str, Tensor]:
+    """The full weights on the CPU of ``root``'s child ``name`` (``child``), keyed as in ``child``: a collective
+    when sharded, every rank calls it; under FSDP1 and FSDP2 only global rank 0 gets them (an empty dict
+    elsewhere).
+
+    Under FSDP1 (Lightning's ``FSDPStrategy`` wraps the LightningModule, the ``root``) the child's own
+    parameters are views of the root's flat ones, so the root's full state dict is taken and the ``<name>.``
+    prefix removed; otherwise :func:`full_state_dict` gathers the child (FSDP2 DTensors, ZeRO-3 partitions).
+
+    Args:
+        root: the outermost module as the strategy holds it (``trainer.model``).
+        name: the child's attribute name on the unwrapped module (e.g. ``"policy"``).
+        child: that child.
+    """
+    if is_fsdp1(root):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(root, options=options)
+        return {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
+    return full_state_dict(child)

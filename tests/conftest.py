@@ -47,7 +47,9 @@ def rollout(tiny_path, tiny_model):
     """One rollout batch of 4 addition prompts x 4 samples from the tiny random MoE."""
     from support import addition_datamodule
 
+    from gspo_lightning.rollout import PolicyLink
+
     dm = addition_datamodule(tiny_path)
-    dm.bind_policy(tiny_model)
+    dm.connect(PolicyLink(tiny_model))
     torch.manual_seed(0)
     return dm.next_rollout()

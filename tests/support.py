@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -45,19 +47,19 @@ def tiny_args(root: Path, *extra: str, max_steps: int = 4) -> list[str]:
     return [
         "--config",
         str(ROOT / "configs" / "demo.yaml"),
-        "--model.model",
+        "--model.policy.path",
         "builtin:tiny-qwen3-moe-random",
-        "--model.mini_batches",
+        "--model.update.mini_batches",
         "2",
         "--data.prompts.init_args.num_train",
         "64",
         "--data.prompts.init_args.num_val",
         "8",
-        "--data.prompts_per_step",
+        "--data.rollout.prompts_per_step",
         "4",
-        "--data.num_samples",
+        "--data.rollout.num_samples",
         "4",
-        "--data.val_batch_size",
+        "--data.heldout.batch_size",
         "8",
         "--trainer.max_steps",
         str(max_steps),
@@ -107,11 +109,41 @@ class CountingEngine(TransformersEngine):
         super().sync_weights(policy)
 
 
+def nested(side: str, flat: dict) -> dict:
+    """A ``model`` or ``data`` configuration (``side``) from flat option names, nested into the option groups
+    through the CLI's table of moved options (``{"mini_batches": 2}`` -> ``{"update": {"mini_batches": 2}}``)."""
+    from gspo_lightning.cli import moved_options
+
+    moved, out = moved_options(), {}
+    for name, value in flat.items():
+        path = moved.get(f"{side}.{name}")
+        if path is None:
+            out[name] = value
+        else:
+            _, group, field = path.split(".")
+            out.setdefault(group, {})[field] = value
+    return out
+
+
+def grouped(side: str, **flat) -> dict:
+    """Constructor arguments of GSPOModule (``side="model"``) or RolloutDataModule (``"data"``) from flat option
+    names as the tests write them: ``mini_batches=2`` -> ``update=UpdateOptions(mini_batches=2)``, through the CLI's
+    table of moved options; components and groups pass through."""
+    from gspo_lightning.module import GSPOModule
+    from gspo_lightning.rollout import RolloutDataModule
+
+    cls = GSPOModule if side == "model" else RolloutDataModule
+    hints = typing.get_type_hints(cls.__init__)
+    config = nested(side, flat)
+    return {k: hints[k](**v) if isinstance(v, dict) and k in hints and is_dataclass(hints[k]) else v
+            for k, v in config.items()}  # fmt: skip
+
+
 def built_module(model: str, **kwargs):
-    """A GSPOModule with its models loaded, outside a Trainer."""
+    """A GSPOModule with its models loaded, outside a Trainer (flat option names, see :func:`grouped`)."""
     from gspo_lightning.module import GSPOModule
 
-    module = GSPOModule(model=model, **kwargs)
+    module = GSPOModule(**grouped("model", model=model, **kwargs))
     module.configure_model()
     return module
 
@@ -154,14 +186,13 @@ def perturb_routers(model, scale: float = 0.5) -> None:
 def addition_datamodule(tokenizer, engine=None):
     """4 addition prompts x 4 samples per rollout batch, 8 new tokens at most, set up for fit."""
     from gspo_lightning.data import AdditionTask
-    from gspo_lightning.datamodule import RolloutDataModule
     from gspo_lightning.engines import SamplingConfig
+    from gspo_lightning.rollout import RolloutDataModule, RolloutOptions
 
     dm = RolloutDataModule(
         prompts=AdditionTask(num_train=40, num_val=4),
         tokenizer=tokenizer,
-        prompts_per_step=4,
-        num_samples=4,
+        rollout=RolloutOptions(prompts_per_step=4, num_samples=4),
         sampling=SamplingConfig(max_new_tokens=8),
         engine=engine,
     )

@@ -162,17 +162,17 @@ def test_training_options_run_together(tmp_path):
         [
             "fit",
             *tiny_args(tmp_path),
-            "--model.gradient_checkpointing",
+            "--model.policy.gradient_checkpointing",
             "true",
             "--model.lr_scheduler",
             scheduler,
-            "--model.entropy_coef",
+            "--model.loss.entropy_coef",
             "0.01",
-            "--model.micro_batch_size",
+            "--model.batching.micro_batch_size",
             "3",
-            "--model.epochs",
+            "--model.update.epochs",
             "2",
-            "--data.dynamic_sampling",
+            "--data.rollout.dynamic_sampling",
             "true",
         ]
     )
@@ -185,7 +185,7 @@ def test_training_options_run_together(tmp_path):
 def test_routing_replay_from_the_cli_still_measures_routing_change(tmp_path):
     # with replay the update routes as pi_old did; the metric compares the routers' own choice with pi_old's,
     # measured from the second mini-batch on (the first runs on pi_old's weights)
-    cli_main(["fit", *tiny_args(tmp_path, "--model.routing_replay", "true", max_steps=4)])
+    cli_main(["fit", *tiny_args(tmp_path, "--model.moe.routing_replay", "true", max_steps=4)])
     values = [e.value for e in scalars(tmp_path / "lightning_logs" / "version_0")["moe/routing_change_frac"]]
     assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values)
 

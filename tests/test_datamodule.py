@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from support import grouped
 
 from gspo_lightning.data import AdditionTask, PromptRecord, PromptSource
-from gspo_lightning.datamodule import RolloutDataModule
 from gspo_lightning.engines import SamplingConfig
 from gspo_lightning.rewards import FunctionReward
+from gspo_lightning.rollout import PolicyLink, RolloutDataModule
 
 
 def _dm(tiny_path, **kwargs):
@@ -18,7 +19,7 @@ def _dm(tiny_path, **kwargs):
         val_num_samples=2,
         sampling=SamplingConfig(max_new_tokens=8),
     )
-    dm = RolloutDataModule(**{**defaults, **kwargs})
+    dm = RolloutDataModule(**grouped("data", **{**defaults, **kwargs}))
     return dm
 
 
@@ -26,7 +27,7 @@ def _ready(dm, model, rank=0, world=1, monkeypatch=None):
     if monkeypatch is not None:
         monkeypatch.setattr(RolloutDataModule, "rank_and_world", property(lambda self: (rank, world)))
     dm.setup("fit")
-    dm.bind_policy(model)
+    dm.connect(PolicyLink(model))
     return dm
 
 
@@ -71,7 +72,7 @@ def test_state_dict_resumes_with_the_next_prompts(tiny_path, tiny_model):
 
 def test_resume_with_another_seed_is_refused(tiny_path):
     dm = _dm(tiny_path, seed=1)
-    with pytest.raises(ValueError, match="same data.seed"):
+    with pytest.raises(ValueError, match="same data.rollout.seed"):
         dm.load_state_dict({"epoch": 0, "cursor": 3, "steps": 1, "seed": 0})
 
 
@@ -149,10 +150,10 @@ def test_evaluate_scores_greedy_and_sampled(tiny_path, tiny_model):
     ("kwargs", "match"),
     [
         ({"num_samples": 1}, "at least two samples"),
-        ({"reward_weights": [1.0, 2.0]}, "one each"),
+        ({"reward_weights": [1.0, 2.0]}, "data.reward_weights"),
         ({"prompts_per_step": 0}, "must be >= 1"),
-        ({"val_size": -1}, "val_size=-1"),
-        ({"val_num_samples": -1}, "val_num_samples=-1"),
+        ({"val_size": -1}, "data.heldout.size=-1"),
+        ({"val_num_samples": -1}, "data.heldout.num_samples=-1"),
     ],
 )
 def test_bad_options(tiny_path, kwargs, match):
@@ -187,12 +188,12 @@ class _Records(PromptSource):
 def test_overlong_heldout_prompts_are_counted(tiny_path):
     prompts = _Records(["1+2="] * 8, ["3+4=", "12+34+56+78=", "5+6="])
     dm = _dm(tiny_path, prompts=prompts, max_prompt_length=8)
-    with pytest.warns(UserWarning, match=r"Dropped 1 held-out prompts? longer than max_prompt_length=8"):
+    with pytest.warns(UserWarning, match=r"Dropped 1 held-out prompts? longer than data.encoding.max_prompt_length=8"):
         dm.setup("fit")
     assert len(dm.val_prompts) == 2
 
 
 def test_fewer_training_prompts_than_a_batch_warns(tiny_path):
     dm = _dm(tiny_path, prompts=AdditionTask(num_train=3, num_val=2), prompts_per_step=4)
-    with pytest.warns(UserWarning, match="3 training prompts for data.prompts_per_step=4"):
+    with pytest.warns(UserWarning, match="3 training prompts for data.rollout.prompts_per_step=4"):
         dm.setup("fit")

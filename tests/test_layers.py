@@ -15,13 +15,12 @@ PACKAGE = Path(__file__).parents[1] / "gspo_lightning"
 # lower layers first; a part may import from its own layer and every layer before it
 LAYERS = [
     # shared types and model-agnostic helpers
-    {"ops", "registry", "batch", "sharding", "evaluation", "rng"},
+    {"ops", "registry", "batch", "sharding", "rng"},
     {"components", "moe", "data"},  # loss components, MoE plumbing, prompt sources
     {"demo"},  # the built-in demo model (built from the built-in task)
     {"models", "adapters"},  # from_pretrained loading (resolves built-in names), peft adapters on a model
     {"engines", "rewards"},  # the data side's stages after the prompts
-    {"rollout"},  # prompts -> engine -> rewards -> RolloutBatch
-    {"datamodule"},
+    {"rollout"},  # prompts -> engine -> rewards -> RolloutBatch, held-out evaluation, the data module, the seam
     {"training"},  # the trainer side's stages
     {"module"},
     {"callbacks"},

@@ -1,7 +1,7 @@
 """GSPOModule outside the Trainer: what it loads and which options it refuses."""
 
 import pytest
-from support import built_module
+from support import built_module, grouped
 
 from gspo_lightning import ContrastAdvantage, TokenRatio
 from gspo_lightning.module import GSPOModule
@@ -17,9 +17,9 @@ def test_reference_only_when_needed(tiny_path):
 
 def test_bad_module_options(tiny_path):
     with pytest.raises(ValueError, match="mini_batches"):
-        GSPOModule(model=tiny_path, mini_batches=0)
+        GSPOModule(**grouped("model", model=tiny_path, mini_batches=0))
     with pytest.raises(ValueError, match="micro_batch_size"):
-        GSPOModule(model=tiny_path, micro_batch_size=0)
+        GSPOModule(**grouped("model", model=tiny_path, micro_batch_size=0))
 
 
 @pytest.mark.parametrize(
@@ -28,9 +28,9 @@ def test_bad_module_options(tiny_path):
         ({"max_grad_norm": -1.0}, "max_grad_norm=-1.0: clipping needs a positive norm"),
         ({"max_grad_norm": 0.0}, "max_grad_norm=0.0"),
         ({"kl_coef": -0.1, "kl_in_reward": True}, "kl_coef=-0.1"),
-        ({"aggregation": "seq-mean-token-sum-norm"}, "set model.max_new_tokens"),
+        ({"aggregation": "seq-mean-token-sum-norm"}, "set model.loss.max_new_tokens"),
     ],
 )
 def test_options_that_would_train_silently_wrong_are_refused(tiny_path, options, message):
     with pytest.raises(ValueError, match=message):
-        GSPOModule(model=tiny_path, **options)
+        GSPOModule(**grouped("model", model=tiny_path, **options))

@@ -45,12 +45,12 @@ def test_presets_instantiate_on_the_demo(path):
     assert cli.model.objective.clip.eps_low == expected[1]
     # linked values: given once, seen by both parts
     assert cli.model.objective.max_len == cli.datamodule.sampling.max_new_tokens
-    assert cli.datamodule.tokenizer_path == cli.model.hparams.model
+    assert cli.datamodule.tokenizer_path == cli.model.options.policy.path
 
 
 def test_dapo_turns_on_dynamic_sampling_and_clip_higher():
     cli = cli_main(["--config", str(DEMO_CONFIG), "--config", str(CONFIG_DIR / "algorithms" / "dapo.yaml")], run=False)
-    assert cli.datamodule.dynamic_sampling and cli.model.objective.clip.eps_high == 0.28
+    assert cli.datamodule.rollout.dynamic_sampling and cli.model.objective.clip.eps_high == 0.28
     assert cli.model.objective.aggregation == "token-mean"
 
 
@@ -86,7 +86,7 @@ def test_mismatch_presets_and_recipes_instantiate_on_the_demo(path):
         "grpo_icepop": ("token", "mask", 5.0, None),
     }[path.stem]
     assert got == expected
-    assert cli.model.replay_mode == ("rollout" if "_r3" in path.stem else "off")
+    assert cli.model.options.moe.replay == ("rollout" if "_r3" in path.stem else "off")
     if path.stem == "icepop":
         assert correction.threshold_lower == 0.5
     if "geo_rs" in path.stem:
@@ -123,7 +123,7 @@ def test_vllm_sizing_is_consistent(path):
     trainer, data = config["trainer"], config["data"]
     engine = data["engine"]["init_args"]
     # the engine plans for the longest prompt plus the longest response, no less (no more: KV cache is sized by it)
-    assert engine["max_model_len"] == data["max_prompt_length"] + data["sampling"]["max_new_tokens"]
+    assert engine["max_model_len"] == data["encoding"]["max_prompt_length"] + data["sampling"]["max_new_tokens"]
     # a tensor-parallel engine is made of training ranks (external_launcher): its size divides the world size
     assert (trainer["devices"] * trainer.get("num_nodes", 1)) % engine["tensor_parallel_size"] == 0
     assert engine["dtype"] == "bfloat16"  # not "policy": the trainer keeps float32 master weights

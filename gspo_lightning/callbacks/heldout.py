@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from gspo_lightning.callbacks._steps import logger_step
-from gspo_lightning.evaluation import heldout_accuracy
+from gspo_lightning.rollout.evaluation import heldout_accuracy
 
 
 class HeldOutReport(Callback):

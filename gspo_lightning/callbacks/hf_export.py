@@ -1,4 +1,9 @@
-"""`HFExport`: write the policy and tokenizer as a Hugging Face folder that ``from_pretrained`` loads."""
+"""`HFExport`: write the policy and tokenizer as a Hugging Face folder that ``from_pretrained`` loads.
+
+The callback only reads the trained model: its full weights come from :mod:`gspo_lightning.sharding`, whatever
+shards them (FSDP1, FSDP2, DeepSpeed ZeRO-3), and LoRA adapters are merged by :mod:`gspo_lightning.adapters`;
+it imports nothing of the training loop.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from transformers import PreTrainedModel
 from typing_extensions import override
 
 from gspo_lightning.adapters import is_peft, merged_weights, transformers_model
-from gspo_lightning.training.strategy import StrategyAdapter
+from gspo_lightning.sharding import full_child_state_dict
 
 
 class HFExport(Callback):
@@ -74,7 +79,7 @@ class HFExport(Callback):
         path = self._root(trainer) / name
         child, model = self.pretrained_child(pl_module)
         # a collective under sharded strategies (every rank gathers the shards), a plain copy otherwise
-        state_dict = StrategyAdapter(trainer).full_state_dict(child, model)
+        state_dict = full_child_state_dict(trainer.model, child, model)
         if trainer.is_global_zero:
             path.mkdir(parents=True, exist_ok=True)
             model.save_pretrained(path, state_dict=state_dict, safe_serialization=self.safe_serialization)

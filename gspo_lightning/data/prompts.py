@@ -2,21 +2,22 @@
 
 A :class:`PromptSource` yields two lists of :class:`PromptRecord`: a train split and a held-out split.
 :class:`FilePrompts` reads local JSON / JSONL / Parquet / CSV files through the ``datasets`` library, fully
-offline; the synthetic tasks live in :mod:`gspo_lightning.data.tasks`.
+offline (why a file cannot be read is :mod:`gspo_lightning.data.diagnostics`'s to say); the synthetic tasks live
+in :mod:`gspo_lightning.data.tasks`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from gspo_lightning.data.rows import Row, check_val_size, hold_out, is_messages, table_rows
+from gspo_lightning.data.diagnostics import check_prompts, no_rows, unreadable
+from gspo_lightning.data.rows import Row, check_columns, check_val_size, hold_out, table_rows
 from gspo_lightning.registry import Registry
 
 FileFormat = Literal["auto", "json", "jsonl", "parquet", "csv"]
@@ -202,7 +203,7 @@ class FilePrompts(TablePromptSource):
             raise FileNotFoundError(f"Prompt file {str(path)!r} {what}. Check the path (relative to {Path.cwd()}).")
         builder = resolve_format(path, self.format)
         if path.stat().st_size == 0:
-            raise ValueError(_no_rows(path))
+            raise ValueError(no_rows(path))
         with _quiet_offline_datasets() as datasets:
             try:
                 ds = datasets.load_dataset(
@@ -210,125 +211,24 @@ class FilePrompts(TablePromptSource):
                 )
             except Exception as err:  # datasets raises many types (ArrowInvalid, DatasetGenerationError, ...)
                 if "corresponds to no data" in str(err):  # e.g. a CSV with only a header
-                    raise ValueError(_no_rows(path)) from err
-                raise ValueError(self._unreadable(path, builder, err)) from err
+                    raise ValueError(no_rows(path)) from err
+                raise ValueError(unreadable(path, builder, self.format, err)) from err
         if len(ds) == 0:
-            raise ValueError(_no_rows(path))
-        columns = list(ds.column_names)
-        for column, argument in (
-            (self.prompt_column, "prompt_column"),
-            (self.answer_column, "answer_column"),
-        ):
-            if column is not None and column not in columns:
-                hint = (
-                    " (or answer_column=None if there are no reference answers)" if argument == "answer_column" else ""
-                )
-                raise ValueError(
-                    f"{str(path)!r} has no column {column!r}; its columns are {columns}."
-                    f" Set {argument}= to one of them{hint}."
-                )
+            raise ValueError(no_rows(path))
+        wanted = {"prompt_column": self.prompt_column, "answer_column": self.answer_column}
+        check_columns(list(ds.column_names), wanted, repr(str(path)))
         try:  # pyarrow's JSON reader keeps invalid UTF-8, which fails only here
             prompts = ds.data.column(self.prompt_column).to_pylist()
             rows = table_rows(ds, self.prompt_column, self.answer_column, repr(str(path))) if prompts else []
         except UnicodeDecodeError as err:
-            raise ValueError(self._unreadable(path, builder, err)) from err
+            raise ValueError(unreadable(path, builder, self.format, err)) from err
         except ValueError:
-            _check_prompts(prompts, path, self.prompt_column)  # the established one-line messages first
+            check_prompts(prompts, path, self.prompt_column)  # the established one-line messages first
             raise
         return [
             (text, answer_to_str(a, f"row {i} of {str(path)!r}") if self.answer_column else None, messages, extras)
             for i, (text, a, messages, extras) in enumerate(rows)
         ]
-
-    def _unreadable(self, path: Path, builder: str, err: BaseException) -> str:
-        """One line on why ``path`` could not be read: where it is not UTF-8, or not JSON, else ``err``'s reason."""
-        not_utf8 = _utf8_problem(path) if builder in ("json", "csv") else None
-        if not_utf8 is not None:
-            return not_utf8
-        lines = self.format == "jsonl" or path.suffix.lower() == ".jsonl"
-        problem = _json_problem(path, lines) if builder == "json" else None
-        return f"Could not read {str(path)!r} as {builder}: {problem or _reason(err)}"
-
-
-def _reason(err: BaseException) -> str:
-    """The first line of ``err``'s message, or of its cause's when ``datasets`` wrapped it in a generic one."""
-    if type(err).__name__ == "DatasetGenerationError" and err.__cause__ is not None:
-        err = err.__cause__
-    return next(iter(str(err).splitlines()), "") or type(err).__name__
-
-
-def _utf8_problem(path: Path) -> str | None:
-    """Where ``path`` stops being valid UTF-8 (byte offset and 1-based line) with the fix, or None when valid."""
-    offset = 0
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):  # b"\n" never occurs inside a UTF-8 character
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return (
-                    f"Prompt file {str(path)!r} is not valid UTF-8: byte {offset + e.start} (line {lineno}) is"
-                    f" 0x{raw[e.start]:02x} ({e.reason}); save it as UTF-8 (e.g. `iconv -f cp1252 -t utf-8 old > new`"
-                    " or your editor's 'Save with encoding UTF-8')."
-                )
-            offset += len(raw)
-    return None
-
-
-def _json_problem(path: Path, lines: bool) -> str | None:
-    """The first place where ``path`` is not valid JSON Lines (``lines``) or JSON, with the fix; None if valid.
-
-    A ``.json`` file whose first line is a JSON object of its own is read as JSON Lines too, as ``datasets``
-    does.
-    """
-    text = path.read_text(encoding="utf-8")
-    rows = text.split("\n")
-    first = next((row for row in rows if row.strip()), "")
-    if not lines and not first.lstrip().startswith("["):
-        with contextlib.suppress(json.JSONDecodeError):
-            lines = isinstance(json.loads(first), dict)
-    if not lines:
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as e:
-            return f"line {e.lineno}, column {e.colno} is not valid JSON ({e.msg}); fix the JSON syntax there."
-        return None
-    for lineno, row in enumerate(rows, 1):
-        if not row.strip():
-            continue
-        try:
-            value = json.loads(row)
-        except json.JSONDecodeError as e:
-            return (
-                f"line {lineno} is not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object:"
-                " fix or remove that line."
-            )
-        if not isinstance(value, dict):
-            return (
-                f"line {lineno} is a {type(value).__name__}, not a JSON object; each line must be one JSON object"
-                ' such as {"prompt": ..., "answer": ...}.'
-            )
-    return None
-
-
-def _no_rows(path: Path) -> str:
-    return f"Prompt file {str(path)!r} has no rows. Point path at a file with prompts."
-
-
-def _check_prompts(prompts: Sequence[Any], path: Path, column: str) -> None:
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) and not is_messages(p)]
-    if bad:
-        first = prompts[bad[0]]
-        raise ValueError(
-            f"Column {column!r} of {str(path)!r} must hold strings, but {len(bad)} row(s) do not (first: row"
-            f" {bad[0]}, a {type(first).__name__}: {first!r:.80}). Fix those rows or pick another"
-            " prompt_column."
-        )
-    blank = [i for i, p in enumerate(prompts) if isinstance(p, str) and not p.strip()]
-    if blank:
-        raise ValueError(
-            f"Column {column!r} of {str(path)!r} has {len(blank)} empty prompt(s) (first: row {blank[0]})."
-            " Remove those rows."
-        )
 
 
 def _to_records(rows: list[Row]) -> list[PromptRecord]:

@@ -86,7 +86,7 @@ class RolloutEngine(ABC):
         """Report each sequence's MoE routes in every later :class:`Generation` (``routes``, ``route_mask``).
 
         Called by the data module before the engine is bound when the trainer asks for them (Rollout Routing
-        Replay, ``model.routing_replay: rollout``). Routes cost memory (L x k small integers per position), so
+        Replay, ``model.moe.routing_replay: rollout``). Routes cost memory (L x k small integers per position), so
         engines collect none unless asked.
         """
         self.return_routes = True

@@ -60,7 +60,7 @@ class TransformersEngine(RolloutEngine):
     ``num_return_sequences = G``. The policy is put in eval mode while generating and restored after. The
     model's own ``generation_config`` is ignored: only ``SamplingConfig`` shapes the rollouts. Sampled
     rollouts report each token's log-prob at the sampling temperature (:class:`SampledTokenLogprobs`), so
-    ``model.old_logprobs: rollout`` and the mismatch correction work with this engine too. When routes are
+    ``model.update.old_logprobs: rollout`` and the mismatch correction work with this engine too. When routes are
     requested (:meth:`request_routes`), router hooks record the experts of every column ``generate`` runs
     (prefill and each decode step, :class:`~gspo_lightning.moe.capture.GenerationRoutes`).
 

@@ -121,7 +121,7 @@ class VLLMEngine(RolloutEngine):
         sync_every: push the weights on every k-th ``sync_weights`` call (1: after every update). With k > 1
             rollouts come from weights up to k - 1 rollout batches old, and ``old_logprobs: auto`` does not
             correct for that (pi_old is the trainer's current policy): set ``model.mismatch_correction``
-            (importance weights against the engine's log-probs) or ``model.old_logprobs: rollout``.
+            (importance weights against the engine's log-probs) or ``model.update.old_logprobs: rollout``.
         seed: seeds the engine's sampler (ranks of a tensor-parallel group share it).
         engine_kwargs: further ``vllm.LLM`` arguments, passed as they are.
         routes_source: where MoE routes come from once :meth:`request_routes` asks for them
@@ -299,7 +299,7 @@ class VLLMEngine(RolloutEngine):
         if self.max_model_len is not None and self.max_model_len <= sampling.max_new_tokens:
             raise ValueError(
                 f"VLLMEngine max_model_len={self.max_model_len} leaves no room for a prompt next to"
-                f" data.sampling.max_new_tokens={sampling.max_new_tokens}: set it to data.max_prompt_length +"
+                f" data.sampling.max_new_tokens={sampling.max_new_tokens}: set it to data.encoding.max_prompt_length +"
                 " max_new_tokens."
             )
         super().configure(sampling, tokenizer)

@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from gspo_lightning.moe.layout import MoELayout
+
 Mode = Literal["off", "record", "replay"]
 
 
@@ -268,3 +270,31 @@ def rollout_mismatch_counts(
     routed = engine_mask[:, -t - 1 : -1].to(response.device).bool() & response  # (n, T)
     changed = _changed_sets(engine.to(response.device), trainer, t) & routed[:, None, :]
     return changed.sum((0, 2)), routed.sum(), (response & ~routed).sum()
+
+
+def routing_controller(
+    policy: nn.Module, moe: MoELayout | None, replay: str, track: bool, aux_loss_coef: float
+) -> RoutingController | None:
+    """The policy's routing controller when replay or a routing metric (``track``) needs one, else None.
+
+    Raises:
+        ValueError: an MoE option was set for a dense model, or replay would change this model's routing
+            (record-then-replay on a small input is checked to be the identity, router by router).
+    """
+    if moe is None:
+        if aux_loss_coef > 0:
+            raise ValueError("model.moe.router_aux_loss_coef > 0, but the model is not a mixture of experts.")
+        if replay != "off":
+            raise ValueError(f"model.moe.routing_replay={replay}, but the model is not a mixture of experts.")
+        return None
+    if replay == "off" and not track:
+        return None
+    controller = RoutingController(policy)
+    failed = controller.routers_replay_unchanged() if replay != "off" else []
+    if failed:
+        raise ValueError(
+            f"model.moe.routing_replay: replaying a model's own routing changes it for {failed[0]}"
+            f"{f' and {len(failed) - 1} more' if len(failed) > 1 else ''}: replay recomputes routing weights as a"
+            " softmax over the chosen experts, which this router does not use. Set model.moe.routing_replay: off."
+        )
+    return controller

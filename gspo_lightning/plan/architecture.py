@@ -51,7 +51,7 @@ class Architecture:
     """What the memory planner needs of a model.
 
     Attributes:
-        name: ``model.model`` as given.
+        name: ``model.policy.path`` as given.
         source: where the numbers came from (local folder, Hugging Face cache, carried numbers, demo spec).
         vocab_size / hidden_size / num_layers / intermediate_size: V, H, L and the dense MLP width.
         q_dim / kv_dim: query and key/value widths (heads x head dim); head_dim: one head's width.
@@ -104,7 +104,7 @@ def demo_config(spec: DemoSpec):
 
 
 def find_config(name: str, trust_remote_code: bool = False) -> tuple[Any, str]:
-    """The transformers config of ``model.model`` and where it came from, without the network.
+    """The transformers config of ``model.policy.path`` and where it came from, without the network.
 
     Raises:
         ValueError: an unknown ``builtin:`` name, or a model whose config.json is in no local folder, not in the
@@ -115,7 +115,7 @@ def find_config(name: str, trust_remote_code: bool = False) -> tuple[Any, str]:
     if name.startswith(BUILTIN_PREFIX):
         key = name[len(BUILTIN_PREFIX) :]
         if key not in BUILTINS:
-            raise ValueError(f"model.model={name!r}: no such built-in; built-ins: {', '.join(sorted(BUILTINS))}.")
+            raise ValueError(f"model.policy.path={name!r}: no such built-in; built-ins: {', '.join(sorted(BUILTINS))}.")
         return demo_config(BUILTINS[key]), "built-in demo spec"
     path = Path(name).expanduser()
     if path.is_dir():
@@ -129,9 +129,9 @@ def find_config(name: str, trust_remote_code: bool = False) -> tuple[Any, str]:
         values = dict(CARRIED_CONFIGS[name])
         return AutoConfig.for_model(values.pop("model_type"), **values), "carried config.json numbers"
     raise ValueError(
-        f"model.model={name!r}: its config.json is not in a local folder, not in the Hugging Face cache, and not"
+        f"model.policy.path={name!r}: its config.json is not in a local folder, not in the Hugging Face cache, and not"
         f" among the models the planner carries ({', '.join(CARRIED_CONFIGS)}); download it once"
-        f" (`hf download {name} config.json`) or point model.model at a local folder."
+        f" (`hf download {name} config.json`) or point model.policy.path at a local folder."
     )
 
 
@@ -195,13 +195,13 @@ def architecture_of(config: Any, name: str, source: str, trust_remote_code: bool
 
 
 def load_architecture(name: str, trust_remote_code: bool = False) -> Architecture:
-    """The :class:`Architecture` of ``model.model``, offline (see the module docstring for the sources)."""
+    """The :class:`Architecture` of ``model.policy.path``, offline (see the module docstring for the sources)."""
     config, source = find_config(name, trust_remote_code)
     return architecture_of(config, name, source, trust_remote_code)
 
 
 def adapter_params(name: str, peft_config: Any, trust_remote_code: bool = False) -> int:
-    """Trainable parameters of ``peft_config``'s adapters on ``model.model``, counted on the meta device."""
+    """Trainable parameters of ``peft_config``'s adapters on ``model.policy.path``, counted on the meta device."""
     config, _ = find_config(name, trust_remote_code)
     model = _meta_model(config, trust_remote_code)
     with torch.device("meta"), warnings.catch_warnings():

@@ -9,7 +9,7 @@ module sets them to None after each optimizer step; DeepSpeed keeps its gradient
   offloaded; LoRA: the frozen base plus the adapters (float32);
 - gradients and optimizer states: of the trainable parameters only (the adapters under LoRA), sharded by
   FSDP / ZeRO-2 (gradients) and FSDP / ZeRO-1 (states). FSDP reduce-scatters after every micro-batch unless
-  ``model.sync_every_micro_batch: false`` (``training.strategy.backward_sync``): then it holds every unsharded
+  ``model.sharding.sync_every_micro_batch: false`` (``training.strategy.backward_sync``): then it holds every unsharded
   gradient (float32 under FSDP2) until the mini-batch's last micro-batch;
 - the reference model (``kl_coef > 0`` or an advantage that reads it): a copy of the weights, sharded only
   under FSDP2 (elsewhere it is not part of the wrapped module), none under LoRA (the policy with adapters off);
@@ -80,7 +80,7 @@ def param_bytes(run: RunSpec, arch: Architecture) -> int:
 
 
 def dtype_bytes(run: RunSpec, arch: Architecture) -> int:
-    """Bytes per parameter of ``model.dtype`` (``auto``: the checkpoint's ``torch_dtype``)."""
+    """Bytes per parameter of ``model.policy.dtype`` (``auto``: the checkpoint's ``torch_dtype``)."""
     dtype = arch.config_dtype if run.dtype == "auto" else run.dtype
     return 2 if dtype in _TWO_BYTE else 4
 

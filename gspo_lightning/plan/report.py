@@ -30,7 +30,7 @@ ALWAYS_SHOWN = ("policy weights", "gradients", "optimizer states", "activations"
 HEADROOM = 0.9  # within 10% of the device's memory a run is not called safe
 NOT_MODELLED = (
     "not modelled: the allocator's fragmentation and cache (keep ~10% free), Python and library memory on the"
-    " host, dynamic sampling's extra rounds, evaluation batches (data.val_batch_size)"
+    " host, dynamic sampling's extra rounds, evaluation batches (data.heldout.batch_size)"
 )
 CPU_HEAP = (
     "on CPU these are live tensors: glibc keeps freed blocks under its mmap threshold, so the RSS can read up to"
@@ -134,16 +134,16 @@ def advice(plan: MemoryPlan) -> str | None:
         needed = math.ceil(s.sequences_per_rank / s.per_micro)
         return (
             "FSDP keeps every gradient unsharded while micro-batches accumulate: reduce-scatter after each one"
-            " (--model.sync_every_micro_batch true, the default), or make each mini-batch one micro-batch per"
-            f" rank (--model.mini_batches {needed}, which changes the algorithm)"
+            " (--model.sharding.sync_every_micro_batch true, the default), or make each mini-batch one micro-batch per"
+            f" rank (--model.update.mini_batches {needed}, which changes the algorithm)"
         )
     if term.knob == "activations" and not run.gradient_checkpointing:
-        return "turn on gradient checkpointing: --model.gradient_checkpointing true"
+        return "turn on gradient checkpointing: --model.policy.gradient_checkpointing true"
     if term.knob == "activations":
-        return f"smaller micro-batches: --model.micro_batch_tokens {_fitting_tokens(plan, term)}"
+        return f"smaller micro-batches: --model.batching.micro_batch_tokens {_fitting_tokens(plan, term)}"
     if term.knob == "head":
         chunk = max((run.logprob_chunk_size or s.micro_response) // 4, 16)
-        return f"smaller log-prob head chunks: --model.logprob_chunk_size {chunk}"
+        return f"smaller log-prob head chunks: --model.batching.logprob_chunk_size {chunk}"
     if term.knob == "engine" and run.engine.kind == "vllm":
         others = plan.total("generation") - term.generation
         share = max(math.floor((plan.device_memory * HEADROOM - others) / plan.device_memory * 20) / 20, 0.05)
@@ -158,7 +158,7 @@ def advice(plan: MemoryPlan) -> str | None:
     if term.knob in ("shard", "offload") and not sharded:
         return "shard the model: --config configs/strategies/fsdp2.yaml over more devices, or LoRA adapters"
     if term.knob == "offload":
-        return f"offload the optimizer states (--model.fsdp_cpu_offload true, or ZeRO-3 offload), or {more}"
+        return f"offload the optimizer states (--model.sharding.fsdp_cpu_offload true, or ZeRO-3 offload), or {more}"
     return f"{more}, or LoRA adapters (--config configs/lora.yaml)"
 
 

@@ -260,16 +260,29 @@ def _peft(value: Any) -> Any | None:
         return parser.instantiate_classes(parser.parse_object({"peft": value})).peft
 
 
-def _needs_reference(model: dict[str, Any]) -> bool:
-    """A reference model is loaded when ``kl_coef > 0`` or the advantage reads reference log-probs."""
-    advantage = model.get("advantage")
-    needs_ref = bool(getattr(_import(advantage), "needs_ref", False)) if isinstance(advantage, dict) else False
-    return float(model.get("kl_coef", 0.0) or 0.0) > 0 or needs_ref
+def _advantage_class(value: Any) -> Any:
+    """The advantage class a parsed ``model.advantage`` names (``GSPOModule``'s default when none is given)."""
+    if isinstance(value, dict):
+        return _import(value)
+    from gspo_lightning.components.advantage import ADVANTAGES, GroupNormAdvantage
+
+    return ADVANTAGES.get(str(value)) if value else GroupNormAdvantage
 
 
 def run_spec(config: dict[str, Any]) -> RunSpec:
-    """The :class:`RunSpec` of a parsed ``fit`` configuration (``Namespace.as_dict()``)."""
+    """The :class:`RunSpec` of a parsed ``fit`` configuration (``Namespace.as_dict()``).
+
+    The module's and the data module's option groups are built from it (``training.options``,
+    ``rollout.options``): their defaults and decisions (on-policy, Routing Replay, the reference model) are the
+    ones ``fit`` uses.
+    """
+    from gspo_lightning.engines.base import SamplingConfig
+    from gspo_lightning.rollout.options import EncodingOptions, RolloutOptions
+    from gspo_lightning.training.options import ModuleOptions, needs_reference
+
     trainer, model, data = config.get("trainer") or {}, config.get("model") or {}, config.get("data") or {}
+    options = ModuleOptions.from_config(model)
+    rollout, encoding = RolloutOptions(**data.get("rollout") or {}), EncodingOptions(**data.get("encoding") or {})
     accelerator = _accelerator(trainer.get("accelerator"))
     devices = _devices(trainer.get("devices", "auto"), accelerator)
     nodes = int(trainer.get("num_nodes", 1) or 1)
@@ -278,36 +291,31 @@ def run_spec(config: dict[str, Any]) -> RunSpec:
         known = ", ".join(sorted(set(_PRECISIONS.values())))
         raise ValueError(f"trainer.precision={precision!r}: the planner models {known}; use one of them.")
     optimizer, states = _optimizer(model.get("optimizer"))
-    mini_batches, epochs = int(model.get("mini_batches", 4)), int(model.get("epochs", 1))
-    on_policy = mini_batches == 1 and epochs == 1 and model.get("old_logprobs", "auto") == "auto"
-    replay = model.get("routing_replay", "off")
-    replay = ("old" if replay else "off") if isinstance(replay, bool) else str(replay)
-    track = bool(model.get("track_routing_change", True)) or bool(model.get("track_rollout_routing", False))
     sampling = data.get("sampling") or {}
     return RunSpec(
-        model=str(model.get("model", "builtin:tiny-qwen3-moe-addition")),
-        trust_remote_code=bool(model.get("trust_remote_code", False)),
+        model=options.policy.path,
+        trust_remote_code=options.policy.trust_remote_code,
         accelerator=accelerator,
         devices=devices,
         num_nodes=nodes,
         strategy=strategy_spec(trainer.get("strategy", "auto"), devices * nodes, devices),
         precision=_PRECISIONS[precision],
-        dtype=str(model.get("dtype", "float32")),
-        gradient_checkpointing=bool(model.get("gradient_checkpointing", False)),
-        micro_batch_size=model.get("micro_batch_size"),
-        micro_batch_tokens=model.get("micro_batch_tokens"),
-        mini_batches=mini_batches,
-        logprob_chunk_size=model.get("logprob_chunk_size", 256),
-        reference=_needs_reference(model),
+        dtype=options.policy.dtype,
+        gradient_checkpointing=options.policy.gradient_checkpointing,
+        micro_batch_size=options.batching.micro_batch_size,
+        micro_batch_tokens=options.batching.micro_batch_tokens,
+        mini_batches=options.update.mini_batches,
+        logprob_chunk_size=options.batching.logprob_chunk_size,
+        reference=needs_reference(options.loss, _advantage_class(model.get("advantage"))),
         peft=_peft(model.get("peft")),
-        fsdp_mixed_precision=bool(model.get("fsdp_mixed_precision", False)),
-        sync_every_micro_batch=model.get("sync_every_micro_batch"),
+        fsdp_mixed_precision=options.sharding.fsdp_mixed_precision,
+        sync_every_micro_batch=options.sharding.sync_every_micro_batch,
         optimizer=optimizer,
         optimizer_states=states,
-        records_routing=(replay != "off" or track) and (replay != "off" or not on_policy),
+        records_routing=options.moe.holds_routing_records(options.update.on_policy),
         engine=_engine(data.get("engine")),
-        prompts_per_step=int(data.get("prompts_per_step", 32)),
-        num_samples=int(data.get("num_samples", 8)),
-        max_new_tokens=int(sampling.get("max_new_tokens") or model.get("max_new_tokens") or 256),
-        max_prompt_length=int(data.get("max_prompt_length", 512)),
+        prompts_per_step=rollout.prompts_per_step,
+        num_samples=rollout.num_samples,
+        max_new_tokens=SamplingConfig(**sampling).max_new_tokens,
+        max_prompt_length=encoding.max_prompt_length,
     )

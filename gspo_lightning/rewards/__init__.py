@@ -6,8 +6,8 @@ configure it by import path (``class_path: my_pkg.rewards.MyReward``) or wrap a 
 """
 
 from gspo_lightning.rewards.answer import ExactMatchReward, MathAnswerReward
-from gspo_lightning.rewards.base import REWARDS, Reward, RewardError, RewardInputs, compute_rewards
-from gspo_lightning.rewards.combine import WeightedReward
+from gspo_lightning.rewards.base import REWARDS, Reward, RewardError, RewardInputs
+from gspo_lightning.rewards.combine import WeightedReward, compute_rewards
 from gspo_lightning.rewards.format import RegexFormatReward
 from gspo_lightning.rewards.function import FunctionReward
 from gspo_lightning.rewards.overlong import OverlongPenalty

@@ -1,12 +1,13 @@
 """Answer-correctness rewards: mathematical equivalence (math-verify) and exact string match.
 
-math-verify (https://github.com/huggingface/Math-Verify) guards parsing and comparison with
-``signal.alarm`` timeouts, which raise ``ValueError`` outside the main thread. :class:`MathAnswerReward`
-passes its timeout only in the main thread and disables it (``parsing_timeout=None``,
-``timeout_seconds=None``) elsewhere, so it also runs in worker threads, where a pathological expression
-(e.g. ``9^{9^{9^9}}``) is then not interrupted. The two timeouts differ: math-verify's ``timeout_seconds``
-scores one slow comparison as incorrect and goes on; the reward's own ``timeout_s`` (every reward has it)
-fails the whole call and, as it runs the reward on a worker thread, switches ``timeout_seconds`` off.
+:class:`MathAnswerReward` has two timeouts with two names. ``verify_timeout_s`` is math-verify's own
+(https://github.com/huggingface/Math-Verify): a limit on each parse and each comparison, after which that one
+sample scores ``incorrect`` and scoring goes on. math-verify implements it with ``signal.alarm``, which raises
+``ValueError`` outside the main thread, so the reward passes it (as ``parsing_timeout`` and
+``timeout_seconds``) only in the main thread and switches it off elsewhere, where a pathological expression
+(e.g. ``9^{9^{9^9}}``) is then not interrupted. ``timeout_s`` is the wall-clock limit on a whole call that every
+reward has (:class:`~gspo_lightning.rewards.base.Reward`): it fails the call, and since it runs the reward on a
+worker thread it switches ``verify_timeout_s`` off.
 """
 
 from __future__ import annotations
@@ -66,16 +67,17 @@ class MathAnswerReward(Reward):
         incorrect: score of a wrong or missing answer.
         extract_boxed_or_last: take the last ``\\boxed{}`` answer, or failing that the last expression in
             the text; False accepts only marked answers (``\\boxed{}``, "the final answer is ...").
-        timeout_seconds: math-verify's per-operation timeout, applied in the main thread only (see the
-            module docstring): a comparison that takes longer scores ``incorrect``; None disables it.
+        verify_timeout_s: math-verify's limit in whole seconds on each parse and each comparison, applied in
+            the main thread only (see the module docstring): a sample whose parse or comparison takes longer
+            scores ``incorrect``; None (or 0) disables it.
         name: the name used in logs; defaults to the class name.
-        timeout_s: a limit in seconds on each call (the whole batch), which then runs on a worker thread
-            where ``timeout_seconds`` cannot apply: a pathological expression then fails the call with a
-            :class:`~gspo_lightning.rewards.base.RewardError` after ``timeout_s`` instead of scoring
+        timeout_s: a wall-clock limit in seconds on each call (the whole batch), which then runs on a worker
+            thread where ``verify_timeout_s`` cannot apply: a pathological expression then fails the call with
+            a :class:`~gspo_lightning.rewards.base.RewardError` after ``timeout_s`` instead of scoring
             ``incorrect``. None (the default) keeps scoring in the calling thread.
 
     Raises:
-        ValueError: ``timeout_seconds`` < 0, or ``timeout_s`` not None or a finite number > 0.
+        ValueError: ``verify_timeout_s`` < 0, or ``timeout_s`` not None or a finite number > 0.
         RewardError: when called on a sample whose reference answer is None.
     """
 
@@ -84,21 +86,21 @@ class MathAnswerReward(Reward):
         correct: float = 1.0,
         incorrect: float = 0.0,
         extract_boxed_or_last: bool = True,
-        timeout_seconds: int | None = 5,
+        verify_timeout_s: int | None = 5,
         name: str | None = None,
         timeout_s: float | None = None,
     ) -> None:
         super().__init__(name, timeout_s)
-        if timeout_seconds is not None and timeout_seconds < 0:
-            raise ValueError(f"timeout_seconds must be >= 0 or None, got {timeout_seconds}.")
+        if verify_timeout_s is not None and verify_timeout_s < 0:
+            raise ValueError(f"verify_timeout_s must be >= 0 or None, got {verify_timeout_s}.")
         self.correct = float(correct)
         self.incorrect = float(incorrect)
         self.extract_boxed_or_last = extract_boxed_or_last
-        self.timeout_seconds = timeout_seconds
+        self.verify_timeout_s = verify_timeout_s
 
     def is_correct(self, completion: str, answer: str) -> bool:
         """Whether ``completion``'s final answer is equivalent to ``answer``."""
-        timeout = _main_thread_timeout(self.timeout_seconds)
+        timeout = _main_thread_timeout(self.verify_timeout_s)
         gold = list(_parse_reference(answer, timeout))
         if self.extract_boxed_or_last:
             pred = parse(completion, parsing_timeout=timeout)

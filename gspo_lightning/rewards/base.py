@@ -2,20 +2,15 @@
 
 Calling a reward validates its N scores and turns any exception into a :class:`RewardError` naming the
 reward and, where one sample failed, its index and the start of its completion. A reward given ``timeout_s``
-scores on a worker thread of its own and fails with a :class:`RewardError` when a call takes longer.
+scores on a worker thread of its own (:mod:`gspo_lightning.rewards.timeout`) and fails with a
+:class:`RewardError` when a call takes longer. Summing several rewards with weights is
+:mod:`gspo_lightning.rewards.combine`'s.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
-import queue
-import threading
-import weakref
 from abc import ABC
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +18,7 @@ import torch
 from torch import Tensor
 
 from gspo_lightning.registry import Registry
+from gspo_lightning.rewards.timeout import Worker, as_caller, check_timeout
 
 EXCERPT_CHARS = 80
 
@@ -50,62 +46,6 @@ def _not_a_number(value: object) -> bool:
     except Exception:
         return True
     return False
-
-
-def check_timeout(timeout_s: float | None) -> float | None:
-    """``timeout_s`` as a float, validated: None (no limit) or a finite number of seconds > 0."""
-    if timeout_s is None:
-        return None
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not 0 < timeout_s < math.inf:
-        raise ValueError(
-            f"timeout_s must be a number of seconds > 0 (or None for no limit), got {timeout_s!r}; e.g. timeout_s: 60."
-        )
-    return float(timeout_s)
-
-
-def _serve(jobs: queue.SimpleQueue) -> None:
-    """A worker thread's loop: run ``(future, fn, args)`` jobs in order until a None arrives."""
-    while (job := jobs.get()) is not None:
-        future, fn, args = job
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(fn(*args))
-            except BaseException as e:  # handed to the caller, as concurrent.futures does
-                future.set_exception(e)
-
-
-class _Worker:
-    """One daemon thread running submitted calls in order, stopped when this object is garbage collected.
-
-    Unlike a ``ThreadPoolExecutor``, whose threads the interpreter joins at exit, a call stuck here never keeps
-    the process alive.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=_serve, args=(self._jobs,), name=name, daemon=True)
-        self.thread.start()
-        # stop the thread when this worker is dropped, but not at exit: a thread woken during interpreter
-        # shutdown that runs torch code aborts the process
-        weakref.finalize(self, self._jobs.put, None).atexit = False
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        """Queue ``fn(*args)``; its result (or exception) arrives in the returned future."""
-        future: Future = Future()
-        self._jobs.put((future, fn, args))
-        return future
-
-
-def _as_caller(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` wrapped to run under the calling thread's grad mode and CUDA device (both are per thread)."""
-    grad = torch.is_grad_enabled()
-    on_device = torch.cuda.device(torch.cuda.current_device()) if torch.cuda.is_initialized() else nullcontext()
-
-    def run(*args: Any) -> Any:
-        with torch.set_grad_enabled(grad), on_device:
-            return fn(*args)
-
-    return run
 
 
 @dataclass
@@ -154,17 +94,18 @@ class RewardInputs:
 class Reward(ABC):  # noqa: B024 (either of two methods may be implemented)
     """Base class. Subclasses implement either score_sample (one sample -> float) or score (batched).
 
-    A reward carries no weight: weights belong to the combination (:func:`compute_rewards`). A reward of
-    your own takes ``timeout_s`` by passing it on to ``super().__init__`` (or by setting ``self.timeout_s``).
+    A reward carries no weight: weights belong to the combination
+    (:func:`~gspo_lightning.rewards.combine.compute_rewards`). A reward of your own takes ``timeout_s`` by
+    passing it on to ``super().__init__`` (or by setting ``self.timeout_s``).
 
     Args:
         name: the name used in logs; defaults to the class name.
         timeout_s: a limit in seconds on each call (one batch of N completions); None for none. When set,
-            scoring runs on a worker thread of this reward (one, reused across calls, with the caller's grad
-            mode and CUDA device), and a call still running after ``timeout_s`` raises :class:`RewardError`
-            naming the reward. A Python thread cannot be stopped: the stuck call's thread is abandoned (a
-            daemon, left running until it returns; it does not keep the process alive) and the next call
-            gets a new worker.
+            scoring runs on a worker thread of this reward (a :class:`~gspo_lightning.rewards.timeout.Worker`,
+            reused across calls, with the caller's grad mode and CUDA device), and a call still running after
+            ``timeout_s`` raises :class:`RewardError` naming the reward. A Python thread cannot be stopped: the
+            stuck call's thread is abandoned (a daemon, left running until it returns; it does not keep the
+            process alive) and the next call gets a new worker.
 
     Raises:
         ValueError: ``timeout_s`` is not None or a finite number > 0.
@@ -246,8 +187,8 @@ class Reward(ABC):  # noqa: B024 (either of two methods may be implemented)
             return self.score(inputs)
         worker = self.__dict__.get("_worker")
         if worker is None:
-            worker = self._worker = _Worker(f"reward-{self.name}")
-        future = worker.submit(_as_caller(self.score), inputs)
+            worker = self._worker = Worker(f"reward-{self.name}")
+        future = worker.submit(as_caller(self.score), inputs)
         try:
             return future.result(timeout=self.timeout_s)
         except TimeoutError:
@@ -292,58 +233,3 @@ class Reward(ABC):  # noqa: B024 (either of two methods may be implemented)
 
 
 REWARDS: Registry[Reward] = Registry("reward", Reward)
-
-
-def unique_names(names: list[str]) -> list[str]:
-    """``names`` with repeats suffixed ``_1``, ``_2``, ... (the first keeps its name)."""
-    out: list[str] = []
-    for name in names:
-        unique, k = name, 0
-        while unique in out:
-            k += 1
-            unique = f"{name}_{k}"
-        out.append(unique)
-    return out
-
-
-def check_weights(n_rewards: int, weights: Sequence[float] | None) -> list[float]:
-    """``weights`` validated against ``n_rewards`` (all 1.0 when None)."""
-    if n_rewards == 0:
-        raise ValueError("No rewards given: configure at least one reward (e.g. MathAnswerReward).")
-    if weights is None:
-        return [1.0] * n_rewards
-    weights = [float(w) for w in weights]
-    if len(weights) != n_rewards:
-        raise ValueError(f"{len(weights)} reward weights for {n_rewards} rewards; give one per reward.")
-    if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"Reward weights must be finite, got {weights}.")
-    return weights
-
-
-def compute_rewards(
-    rewards: Sequence[Reward], weights: Sequence[float] | None, inputs: RewardInputs
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """The weighted sum of ``rewards`` and each reward's unweighted scores.
-
-    Args:
-        rewards: the rewards to evaluate, each called once on ``inputs``.
-        weights: one weight per reward; None weighs each by 1.
-        inputs: the samples to score.
-
-    Returns:
-        ``(total, terms)``: total (N,) float32 ``sum_k w_k r_k``; terms maps each reward's name to its
-        (N,) unweighted scores (repeated names get ``_1``, ``_2``, ...), for ``rollout/reward_<name>`` logs.
-
-    Raises:
-        ValueError: no rewards, or weights of the wrong length or not finite.
-        RewardError: a reward failed or returned invalid scores.
-    """
-    rewards = list(rewards)
-    ws = check_weights(len(rewards), weights)
-    names = unique_names([r.name for r in rewards])
-    total = torch.zeros(len(inputs), dtype=torch.float32, device=inputs.response_lengths.device)
-    terms: dict[str, Tensor] = {}
-    for name, reward, w in zip(names, rewards, ws, strict=True):
-        terms[name] = reward(inputs)
-        total = total + w * terms[name]
-    return total, terms

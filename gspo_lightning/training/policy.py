@@ -1,63 +1,22 @@
-"""Loading the models the trainer runs: the policy, the frozen reference, and the policy's MoE wiring."""
+"""Loading the models the trainer runs: the policy (dropout off, checkpointing on request) and the frozen
+reference, whole or sharded from rank 0."""
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
+from gspo_lightning.adapters import AdapterDisabled, apply_peft, transformers_model
 from gspo_lightning.models import DType, empty_causal_lm, load_causal_lm
-from gspo_lightning.moe.layout import MoELayout
-from gspo_lightning.moe.routing import RoutingController
+from gspo_lightning.moe import MoELayout, RoutingController, moe_layout
+from gspo_lightning.moe.routing import routing_controller
 from gspo_lightning.sharding import fill_from_rank0, shard_fsdp2
-from gspo_lightning.training.pre_update import ReplayMode
-
-CHECKED_OPTIONS = (
-    "mini_batches", "epochs", "micro_batch_size", "micro_batch_tokens", "kl_coef", "max_grad_norm", "aggregation",
-    "max_new_tokens",
-)  # fmt: skip
-"""The module options :func:`check_options` takes, by name."""
-
-
-def check_options(
-    mini_batches: int,
-    epochs: int,
-    micro_batch_size: int | None,
-    micro_batch_tokens: int | None,
-    kl_coef: float,
-    max_grad_norm: float | None,
-    aggregation: str,
-    max_new_tokens: int | None,
-) -> None:
-    """Refuse option values that would train silently wrong, each with one line naming the fix.
-
-    Raises:
-        ValueError: counts below 1; ``kl_coef < 0`` (a reward for drifting from the reference, loss or reward);
-            ``max_grad_norm <= 0`` (clipping to a negative norm flips the gradient: gradient ascent; 0 freezes
-            training); ``seq-mean-token-sum-norm`` without ``max_new_tokens`` (its T_max must be one constant on
-            every micro-batch and rank, not each one's padded width).
-    """
-    if mini_batches < 1 or epochs < 1:
-        raise ValueError(f"mini_batches and epochs must be >= 1, got {mini_batches} and {epochs}.")
-    if micro_batch_size is not None and micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}.")
-    if micro_batch_tokens is not None and micro_batch_tokens < 1:
-        raise ValueError(f"micro_batch_tokens must be >= 1 or None, got {micro_batch_tokens}.")
-    if kl_coef < 0:
-        raise ValueError(f"model.kl_coef={kl_coef} rewards drifting away from the reference: use 0 (off) or > 0.")
-    if max_grad_norm is not None and max_grad_norm <= 0:
-        raise ValueError(
-            f"model.max_grad_norm={max_grad_norm}: clipping needs a positive norm (a negative one reverses the"
-            " gradient, 0 freezes training). Use a positive value, or null for no clipping."
-        )
-    if aggregation == "seq-mean-token-sum-norm" and max_new_tokens is None:
-        raise ValueError(
-            "model.aggregation=seq-mean-token-sum-norm divides by a constant T_max: set model.max_new_tokens (the"
-            " CLI links it to data.sampling.max_new_tokens)."
-        )
+from gspo_lightning.training.options import ModuleOptions
 
 
 def set_dropout_to_zero(model: nn.Module) -> int:
@@ -111,7 +70,7 @@ def load_policy(
         set_dropout_to_zero(policy)
     elif has_dropout(policy):
         warnings.warn(
-            "model.disable_dropout=false and the policy has active dropout: pi_old is computed without it, the"
+            "model.policy.disable_dropout=false and the policy has active dropout: pi_old is computed without it, the"
             " update with it, so ratios differ from 1 at identical weights and clipping fires at random.",
             stacklevel=2,
         )
@@ -133,50 +92,6 @@ def load_reference(
     return loaded.eval().requires_grad_(False)
 
 
-def replay_mode(routing_replay: ReplayMode | bool) -> ReplayMode:
-    """``model.routing_replay`` as one of ``"off" | "old" | "rollout"`` (``true`` is ``"old"``, ``false`` ``"off"``).
-
-    Raises:
-        ValueError: any other value.
-    """
-    if isinstance(routing_replay, bool):
-        return "old" if routing_replay else "off"
-    if routing_replay not in ("off", "old", "rollout"):
-        raise ValueError(
-            f"model.routing_replay={routing_replay!r}: use off, old (pi_old's routes, R2) or rollout (the engine's"
-            " routes, R3)."
-        )
-    return routing_replay
-
-
-def routing_controller(
-    policy: nn.Module, moe: MoELayout | None, replay: ReplayMode, track: bool, aux_loss_coef: float
-) -> RoutingController | None:
-    """The policy's routing controller when replay or a routing metric (``track``) needs one, else None.
-
-    Raises:
-        ValueError: an MoE option was set for a dense model, or replay would change this model's routing
-            (record-then-replay on a small input is checked to be the identity, router by router).
-    """
-    if moe is None:
-        if aux_loss_coef > 0:
-            raise ValueError("router_aux_loss_coef > 0, but the model is not a mixture of experts.")
-        if replay != "off":
-            raise ValueError(f"routing_replay={replay}, but the model is not a mixture of experts.")
-        return None
-    if replay == "off" and not track:
-        return None
-    controller = RoutingController(policy)
-    failed = controller.routers_replay_unchanged() if replay != "off" else []
-    if failed:
-        raise ValueError(
-            f"routing_replay: replaying a model's own routing changes it for {failed[0]}"
-            f"{f' and {len(failed) - 1} more' if len(failed) > 1 else ''}: replay recomputes routing weights as a"
-            " softmax over the chosen experts, which this router does not use. Set model.routing_replay: off."
-        )
-    return controller
-
-
 def shard_from_rank0(
     model: nn.Module,
     load: dict[str, Any],
@@ -191,3 +106,50 @@ def shard_from_rank0(
     shard_fsdp2(model, mesh, mixed_precision, cpu_offload)
     target = torch.device("cpu") if cpu_offload else device
     fill_from_rank0(model, lambda: load_reference(**load), target, mesh.get_group())
+
+
+@dataclass
+class TrainerModels:
+    """What :func:`build_models` loads: the policy, the reference (or None), the policy's MoE layout (None for a
+    dense model) and its routing controller (None unless replay or a routing metric needs one)."""
+
+    policy: nn.Module
+    reference: nn.Module | None
+    moe: MoELayout | None
+    routing: RoutingController | None
+
+
+def build_models(
+    options: ModuleOptions, peft_config: Any | None, with_reference: bool, mesh=None, device: torch.device | None = None
+) -> TrainerModels:
+    """Load the policy (with its adapters under ``peft``), its MoE wiring and, ``with_reference``, the reference.
+
+    With a data-parallel ``mesh`` (FSDP2) every rank builds on the meta device and rank 0 alone loads the
+    weights, sharded onto ``device`` (with adapters, every rank loads the frozen base, since the adapters are
+    created on top of real weights; the root is then the transformers model, as ``generate()`` calls it
+    directly, past the peft wrapper). Under peft the reference is the policy with its adapters off.
+    """
+    load, policy_options = options.policy.load_kwargs(), options.policy
+    empty = mesh is not None and peft_config is None
+    policy = load_policy(
+        **load, gradient_checkpointing=policy_options.gradient_checkpointing,
+        disable_dropout=policy_options.disable_dropout, empty=empty,
+    )  # fmt: skip
+    if peft_config is not None:
+        policy = apply_peft(policy, peft_config)
+        if policy_options.disable_dropout:
+            set_dropout_to_zero(policy)
+    layout, moe = moe_layout(policy.config), options.moe
+    routing = routing_controller(policy, layout, moe.replay, moe.tracks_routing, moe.router_aux_loss_coef)
+    reference = None
+    if with_reference:
+        reference = AdapterDisabled(policy) if peft_config is not None else load_reference(**load, empty=empty)
+    if mesh is not None:
+        fsdp = (options.sharding.fsdp_mixed_precision, options.sharding.fsdp_cpu_offload)
+        if peft_config is not None:
+            shard_fsdp2(transformers_model(policy).to(device), mesh, *fsdp)
+        else:
+            for model in (policy, reference):
+                if model is not None:
+                    shard_from_rank0(model, load, mesh, device, *fsdp)
+    return TrainerModels(policy, reference, layout, routing)

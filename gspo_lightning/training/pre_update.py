@@ -25,27 +25,16 @@ from gspo_lightning.components.mismatch import MismatchCorrection
 from gspo_lightning.moe.routing import RoutingController, rollout_mismatch_counts, routing_context
 from gspo_lightning.ops import seq_sum
 from gspo_lightning.training.logprobs import DEFAULT_CHUNK_SIZE, response_logprobs
+from gspo_lightning.training.options import BatchingOptions, LossOptions, MoEOptions, OldLogprobs, UpdateOptions
 from gspo_lightning.training.splits import micro_batches
-
-ReplayMode = Literal["off", "old", "rollout"]
-"""Routing Replay (``model.routing_replay``): none, pi_old's routes (R2, GSPO paper §5.3), or the rollout
-engine's (R3, arXiv 2510.11370)."""
-
-OldLogprobs = Literal["auto", "recompute", "rollout"]
-"""The user's choice (``model.old_logprobs``)."""
 
 OldLogprobSource = Literal["trainer", "rollout", "none"]
 """Where pi_old comes from in a run: the trainer's own no-grad pass, the rollout engine's reported
 log-probs, or nowhere (exactly on-policy: pi_old = pi_theta, and the update detaches its own log-probs)."""
 
 
-def is_on_policy(mini_batches: int, epochs: int, old_logprobs: OldLogprobs) -> bool:
-    """Whether the only update of a rollout batch is made by the policy that sampled it."""
-    return mini_batches == 1 and epochs == 1 and old_logprobs == "auto"
-
-
 def old_logprob_source(old_logprobs: OldLogprobs, on_policy: bool, needs_trainer_old: bool) -> OldLogprobSource:
-    """Resolve ``model.old_logprobs`` for a run.
+    """Resolve ``model.update.old_logprobs`` for a run.
 
     - ``"rollout"``: the engine's log-probs stand in for pi_old, whatever else holds.
     - ``"recompute"``: always the trainer's pass.
@@ -159,52 +148,42 @@ class PreUpdatePass:
 
     Args:
         advantage: the advantage estimator.
-        old_logprobs: the user's ``model.old_logprobs`` choice.
-        on_policy: see :func:`is_on_policy`.
-        kl: the KL estimator applied in the reward, or None (a KL term in the loss is the objective's).
-        kl_in_reward_coef: beta of the KL penalty in the reward: ``R_i - beta * sum_t m_it kl_it(old, ref)``.
+        update: pi_old's source (``old_logprobs``) and whether the update is exactly on-policy.
+        batching: how the no-grad forwards are cut (micro-batches, token budget, head chunks, padding-free).
+        loss: the sampling temperature (the log-probs describe the sampled distribution) and the KL penalty's
+            beta when it is applied in the reward: ``R_i - beta * sum_t m_it kl_it(old, ref)``.
+        moe: Routing Replay and the routing metrics: whether pi_old's experts are recorded (R2, or the
+            routing-change metric off-policy); ``routing_replay: rollout`` (R3) forces the engine's routes in
+            this pass too and hands them to the update instead of pi_old's (``RolloutBatch.rollout_routing``,
+            required then).
+        kl: the KL estimator (used here only when the penalty is in the reward).
         mismatch_correction: rollout/trainer importance weights, or None.
-        temperature: the sampling temperature (the log-probs describe the sampled distribution).
-        micro_batch_size: sequences per no-grad forward (None: the whole batch).
-        record_routing: record pi_old's experts (Routing Replay, or the routing-change metric off-policy).
-        routing_replay: ``"rollout"`` (R3) forces the engine's routes in this pass too, and hands them to the
-            update instead of pi_old's (``RolloutBatch.rollout_routing``, required then).
-        chunk_size: response tokens per chunk of the output projection (``training.logprobs``).
-        micro_batch_tokens: real-token budget of a micro-batch (overrides ``micro_batch_size``).
-        padding_free: forward the real tokens packed into one row (``training.logprobs``).
     """
 
     def __init__(
         self,
         advantage: Advantage,
-        old_logprobs: OldLogprobs,
-        on_policy: bool,
+        update: UpdateOptions,
+        batching: BatchingOptions,
+        loss: LossOptions,
+        moe: MoEOptions,
         kl: KL | None = None,
-        kl_in_reward_coef: float = 0.0,
         mismatch_correction: MismatchCorrection | None = None,
-        temperature: float = 1.0,
-        micro_batch_size: int | None = None,
-        record_routing: bool = False,
-        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-        micro_batch_tokens: int | None = None,
-        padding_free: bool = False,
-        routing_replay: ReplayMode = "off",
     ) -> None:
-        if old_logprobs == "rollout" and mismatch_correction is not None:
-            raise ValueError("old_logprobs='rollout' makes pi_old the engine's: there is no mismatch to correct.")
+        if update.old_logprobs == "rollout" and mismatch_correction is not None:
+            raise ValueError(
+                "model.update.old_logprobs=rollout makes pi_old the engine's: there is no mismatch to correct."
+            )
         self.advantage = advantage
-        self.kl = kl if kl_in_reward_coef > 0 else None
-        self.kl_in_reward_coef = kl_in_reward_coef
+        self.kl = kl if loss.reward_kl_coef > 0 else None
+        self.kl_in_reward_coef = loss.reward_kl_coef
         self.mismatch_correction = mismatch_correction
-        self.temperature = temperature
-        self.micro_batch_size = micro_batch_size
-        self.record_routing = record_routing
-        self.chunk_size = chunk_size
-        self.micro_batch_tokens = micro_batch_tokens
-        self.padding_free = padding_free
-        self.replay_rollout = routing_replay == "rollout"
+        self.temperature = loss.temperature
+        self.batching = batching
+        self.record_routing = moe.records_old_routing(update.on_policy)
+        self.replay_rollout = moe.replay == "rollout"
         needs_trainer_old = self.kl is not None or mismatch_correction is not None
-        self.source = old_logprob_source(old_logprobs, on_policy, needs_trainer_old)
+        self.source = old_logprob_source(update.old_logprobs, update.on_policy, needs_trainer_old)
 
     def __call__(
         self,
@@ -221,9 +200,9 @@ class PreUpdatePass:
         if self.replay_rollout:
             if batch.rollout_routing is None:
                 raise ValueError(
-                    "routing_replay: rollout needs the engine's MoE routes, and this batch has none: train with"
-                    " GSPOModule and RolloutDataModule (which ask the engine for them), or call"
-                    " datamodule.request_routes() before the engine is bound."
+                    "model.moe.routing_replay: rollout needs the engine's MoE routes, and this batch has none: train"
+                    " with GSPOModule and RolloutDataModule (which ask the engine for them), or connect the policy"
+                    " with datamodule.connect(PolicyLink(model, report_routes=True)) before the first rollout."
                 )
             batch = dataclasses.replace(batch, routing=batch.rollout_routing, routing_mask=batch.rollout_routing_mask)
         old, chosen = self._old_logprobs(batch, policy, routing, agree)
@@ -281,9 +260,10 @@ class PreUpdatePass:
     def _logprobs(
         self, model: nn.Module, batch: RolloutBatch, routing: RoutingController | None = None, agree=None
     ) -> tuple[Tensor, Tensor | None]:
+        b = self.batching
         return no_grad_logprobs(
-            model, batch, self.temperature, self.micro_batch_size, routing, self.chunk_size,
-            self.micro_batch_tokens, agree, self.padding_free, replay=self.replay_rollout,
+            model, batch, self.temperature, b.micro_batch_size, routing, b.logprob_chunk_size,
+            b.micro_batch_tokens, agree, b.padding_free, replay=self.replay_rollout,
         )  # fmt: skip
 
     def _mismatch(self, batch: RolloutBatch, old: Tensor | None) -> tuple[Tensor | None, dict[str, float]]:

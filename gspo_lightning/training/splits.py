@@ -19,7 +19,7 @@ def mini_batch_indices(n: int, mini_batches: int, shuffle: bool, generator: torc
     if n < mini_batches:
         raise ValueError(
             f"A rollout batch of {n} sequences cannot be split into {mini_batches} mini-batches: lower"
-            " model.mini_batches or raise data.prompts_per_step / data.num_samples."
+            " model.update.mini_batches or raise data.rollout.prompts_per_step / data.rollout.num_samples."
         )
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     return list(torch.tensor_split(order, mini_batches))

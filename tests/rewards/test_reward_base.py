@@ -14,6 +14,7 @@ from gspo_lightning.rewards import (
     WeightedReward,
     compute_rewards,
 )
+from gspo_lightning.rewards.combine import check_weights
 
 
 class LengthReward(Reward):
@@ -154,12 +155,21 @@ def test_compute_rewards_rejects_bad_configs():
     inputs = make_inputs(["a"])
     with pytest.raises(ValueError, match="No rewards given"):
         compute_rewards([], None, inputs)
-    with pytest.raises(ValueError, match="1 reward weights for 2 rewards"):
+    with pytest.raises(ValueError, match=r"^data\.reward_weights has 1 weights for 2 rewards; give one each"):
         compute_rewards([LengthReward(), LengthReward()], [1.0], inputs)
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(ValueError, match=r"^data\.reward_weights must be finite numbers, got \[nan\]\.$"):
         compute_rewards([LengthReward()], [float("nan")], inputs)
     with pytest.raises(RewardError, match="'Failing' failed on sample 0"):
         compute_rewards([LengthReward(), Failing()], None, make_inputs(["boom"]))
+
+
+def test_check_weights_defaults_to_one_each_and_names_the_option():
+    assert check_weights(3, None) == [1.0, 1.0, 1.0]
+    assert check_weights(2, [2, -0.5]) == [2.0, -0.5]
+    with pytest.raises(ValueError, match=r"^data\.reward_weights has 2 weights for 1 rewards"):
+        check_weights(1, [1.0, 2.0])
+    with pytest.raises(ValueError, match=r"^my\.weights must be finite numbers"):
+        check_weights(1, [float("inf")], option="my.weights")
 
 
 def test_weighted_reward_is_a_reward():
@@ -169,7 +179,7 @@ def test_weighted_reward_is_a_reward():
     torch.testing.assert_close(combined(inputs), torch.tensor([1.2, 0.3]))
     _, terms = combined.terms(inputs)
     assert set(terms) == {"ExactMatchReward", "LengthReward"}
-    with pytest.raises(ValueError, match="2 reward weights for 1 rewards"):
+    with pytest.raises(ValueError, match="^WeightedReward weights has 2 weights for 1 rewards; give one each"):
         WeightedReward([LengthReward()], weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="No rewards given"):
         WeightedReward([])

@@ -72,9 +72,18 @@ def test_math_works_in_worker_threads():
     torch.testing.assert_close(out, torch.tensor([1.0, 0.0]))
 
 
-def test_math_timeout_applies_in_the_main_thread():
+def test_math_verify_timeout_applies_in_the_main_thread():
     # comparing 9^(9^(9^9)) with 57 makes sympy run for minutes; the 1 s alarm turns it into a miss
     start = time.monotonic()
-    out = MathAnswerReward(timeout_seconds=1)(make_inputs(["\\boxed{9^{9^{9^{9}}}}"], ["57"]))
+    out = MathAnswerReward(verify_timeout_s=1)(make_inputs(["\\boxed{9^{9^{9^{9}}}}"], ["57"]))
     assert time.monotonic() - start < 10
     torch.testing.assert_close(out, torch.tensor([0.0]))
+
+
+def test_math_verify_timeout_and_call_timeout_are_two_options():
+    # verify_timeout_s is math-verify's (a slow sample scores incorrect); timeout_s bounds the whole call
+    reward = MathAnswerReward(verify_timeout_s=2, timeout_s=30)
+    assert (reward.verify_timeout_s, reward.timeout_s) == (2, 30.0)
+    assert MathAnswerReward().verify_timeout_s == 5 and MathAnswerReward().timeout_s is None
+    with pytest.raises(ValueError, match=r"^verify_timeout_s must be >= 0 or None, got -1\.$"):
+        MathAnswerReward(verify_timeout_s=-1)

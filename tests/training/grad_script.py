@@ -18,10 +18,11 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
 from gspo_lightning.data import AdditionTask
-from gspo_lightning.datamodule import RolloutDataModule
 from gspo_lightning.engines import SamplingConfig
 from gspo_lightning.module import GSPOModule
 from gspo_lightning.rewards import FunctionReward
+from gspo_lightning.rollout import RolloutDataModule, RolloutOptions
+from gspo_lightning.training.options import BatchingOptions, PolicyOptions, UpdateOptions
 
 MODEL = "builtin:tiny-qwen3-moe-random"
 LOADS: list[str] = []
@@ -78,19 +79,15 @@ def main(out: str, devices: int, strategy: str, lora: bool = False) -> None:
         prompts=AdditionTask(num_train=64, num_val=0),
         rewards=[FunctionReward(completion_length)],
         tokenizer=MODEL,
-        prompts_per_step=4,
-        num_samples=4,
+        rollout=RolloutOptions(prompts_per_step=4, num_samples=4),
         sampling=SamplingConfig(max_new_tokens=8),
     )
     module = CaptureGrad(
         out,
-        model=MODEL,
-        mini_batches=1,
-        micro_batch_size=3,
+        policy=PolicyOptions(path=MODEL),
+        update=UpdateOptions(mini_batches=1, max_grad_norm=None, shuffle_mini_batches=False, old_logprobs="recompute"),
+        batching=BatchingOptions(micro_batch_size=3),
         aggregation="seq-mean-token-mean",
-        max_grad_norm=None,
-        shuffle_mini_batches=False,
-        old_logprobs="recompute",
         peft=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if lora else None,
     )
     trainer = pl.Trainer(

@@ -83,7 +83,12 @@ def test_fsdp2_fit_checkpoint_resume_and_full_export(tmp_path, tiny_path):
             "fit",
             # token-budget micro-batches: the ranks must agree on how many (every FSDP2 forward is a collective)
             *tiny_args(
-                tmp_path, *FSDP2, *VARIED_REWARD, "--model.micro_batch_tokens", "30", "--trainer.callbacks+=HFExport"
+                tmp_path,
+                *FSDP2,
+                *VARIED_REWARD,
+                "--model.batching.micro_batch_tokens",
+                "30",
+                "--trainer.callbacks+=HFExport",
             ),
         ],
         tmp_path,

@@ -86,7 +86,8 @@ def test_chunked_head_equals_full_logits_in_values_and_gradients(tiny_model, mod
     (lp_full, ent_full, g_full, aux_full), (lp, ent, g, aux) = results
     torch.testing.assert_close(lp, lp_full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ent, ent_full, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g, g_full, rtol=1e-4, atol=1e-6)
+    # float32 sums in another order: absolute error relative to the largest gradient (the tied embedding's, ~9)
+    torch.testing.assert_close(g, g_full, rtol=1e-4, atol=1e-6 * max(1.0, g_full.abs().max().item()))
     assert (lp[~attn[:, -5:]] == 0).all() and (ent[~attn[:, -5:]] == 0).all()
     if model_kind == "moe":
         torch.testing.assert_close(aux, aux_full)

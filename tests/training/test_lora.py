@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from gspo_lightning.adapters import AdapterDisabled, hf_name, merged_weights, transformers_model
 from gspo_lightning.cli import CONFIG_DIR, cli_main
 from gspo_lightning.engines.vllm_weights import iter_full_weights
+from gspo_lightning.rollout import PolicyLink
 from gspo_lightning.training.logprobs import response_logprobs
 
 LORA = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
@@ -85,7 +86,7 @@ def test_the_embedded_engine_samples_from_the_adapted_policy(tiny_path):
     hf = transformers_model(module.policy)
     hf.generation_config.repetition_penalty = 5.0  # a checkpoint setting the engine must not apply
     dm = addition_datamodule(tiny_path)
-    dm.bind_policy(module.policy)
+    dm.connect(PolicyLink(module.policy))
     torch.manual_seed(0)
     batch = dm.next_rollout()
     assert hf.generation_config.repetition_penalty == 5.0, "restored after generating"

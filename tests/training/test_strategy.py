@@ -20,7 +20,7 @@ def _adapter(strategy):
 def test_deepspeed_clipping_must_agree_with_max_grad_norm():
     pytest.importorskip("deepspeed", reason="deepspeed is not installed: pip install -e '.[dev]' brings it")
     adapter = _adapter(DeepSpeedStrategy(config={"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5}))
-    with pytest.raises(ValueError, match=r"gradient_clipping=0.5, but model.max_grad_norm=1.0"):
+    with pytest.raises(ValueError, match=r"gradient_clipping=0.5, but model.update.max_grad_norm=1.0"):
         adapter.check_clipping(1.0)
     adapter.check_clipping(0.5)
     _adapter(DeepSpeedStrategy(config={"zero_optimization": {"stage": 2}})).check_clipping(None)
@@ -32,7 +32,9 @@ def test_other_strategies_clip_with_max_grad_norm():
 
 def _grad_norms(root, *extra):
     odd_digits = '[{"class_path": "RegexFormatReward", "init_args": {"pattern": "[13579]"}}]'  # non-zero advantages
-    cli = cli_main(["fit", *tiny_args(root, "--data.rewards", odd_digits, "--model.max_grad_norm", "0.01", *extra)])
+    cli = cli_main(
+        ["fit", *tiny_args(root, "--data.rewards", odd_digits, "--model.update.max_grad_norm", "0.01", *extra)]
+    )
     return [e.value for e in scalars(root / "lightning_logs" / "version_0")["policy/grad_norm"]], cli.model.policy
 
 
@@ -68,7 +70,7 @@ def test_fsdp2_reduce_scatters_every_micro_batch_by_default():
     with adapter.backward_sync(False, policy):
         pass
     assert policy.calls == []
-    with adapter.backward_sync(False, policy, every=False):  # model.sync_every_micro_batch: false
+    with adapter.backward_sync(False, policy, every=False):  # model.sharding.sync_every_micro_batch: false
         assert policy.calls == [False]
     assert policy.calls == [False, True]
 

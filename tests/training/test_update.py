@@ -13,8 +13,8 @@ def _grads(module, batch):
     """The gradient of the batch's loss accumulated over the module's micro-batches (size or token budget)."""
     module.policy.zero_grad()
     counts = LossCounts.from_mask(batch.response_mask)
-    hp = module.hparams
-    for _, piece in micro_batches(batch, hp.micro_batch_size, hp.micro_batch_tokens):
+    batching = module.options.batching
+    for _, piece in micro_batches(batch, batching.micro_batch_size, batching.micro_batch_tokens):
         with module.routing_context(piece):
             loss, _ = module.policy_loss(module.policy, piece, counts, module.routing)
             loss.backward()

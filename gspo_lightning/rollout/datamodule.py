@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -19,12 +19,15 @@ from gspo_lightning.data.prompts import PromptSource
 from gspo_lightning.data.tasks import AdditionTask
 from gspo_lightning.engines.base import RolloutEngine, SamplingConfig
 from gspo_lightning.engines.transformers_engine import TransformersEngine
-from gspo_lightning.evaluation import EvalResult
 from gspo_lightning.models import load_tokenizer
 from gspo_lightning.rewards.answer import ExactMatchReward
 from gspo_lightning.rewards.base import Reward
+from gspo_lightning.rewards.combine import check_weights
 from gspo_lightning.rng import derive_seed, seeded_rng
-from gspo_lightning.rollout import RolloutCollector, decode_responses, reward_inputs
+from gspo_lightning.rollout.collector import RolloutCollector, decode_responses, reward_inputs
+from gspo_lightning.rollout.evaluation import EvalResult
+from gspo_lightning.rollout.link import PolicyLink
+from gspo_lightning.rollout.options import EncodingOptions, HeldOutOptions, RolloutOptions
 
 DEFAULT_SAMPLING = SamplingConfig()
 
@@ -72,34 +75,23 @@ class RolloutDataModule(pl.LightningDataModule):
     uninterrupted one, whatever else drew random numbers in between, and rollouts leave the process's
     random stream as they found it.
 
-    The engine generates with the trainer's policy: the data module binds it once, before its first
-    generation, from the Trainer's LightningModule, which must expose the model it trains as ``policy``
-    (as :class:`~gspo_lightning.module.GSPOModule` does; outside a Trainer call :meth:`bind_policy`). The
-    module sends the updated weights back after its optimizer steps (:meth:`sync_weights`); nothing else
-    flows from training to generation.
+    The engine generates with the trainer's policy, handed over once through :meth:`connect` (the one seam,
+    ``rollout.link``: :class:`~gspo_lightning.module.GSPOModule` connects when its model is built; outside a
+    Trainer call ``connect(PolicyLink(model))``) and bound to the engine before the first generation. The module
+    sends the updated weights back after its optimizer steps (:meth:`sync_weights`); nothing else flows from
+    training to generation.
 
     Args:
         prompts: where prompts come from (default: the built-in 2-digit :class:`AdditionTask`).
         rewards: reward functions summed with ``reward_weights`` (default: ``[ExactMatchReward()]``).
         reward_weights: one weight per reward (default 1 each).
-        accuracy_reward: scores held-out completions; a score > 0 counts as correct (default: the first
-            reward).
+        accuracy_reward: scores held-out completions; a score > 0 counts as correct (default: the first reward).
         engine: the rollout engine (default: :class:`TransformersEngine`).
-        tokenizer: tokenizer path or hub id (normally linked to the model's).
-        prompts_per_step: B, prompts per training step over all ranks.
-        num_samples: G, completions per prompt.
+        tokenizer: tokenizer path or hub id (the CLI links it to model.policy.path).
         sampling: temperature, top-p, top-k, max new tokens.
-        max_prompt_length: longer prompts are dropped (with a count) or rejected, see ``on_overlong``.
-        on_overlong: ``"drop"`` or ``"error"``.
-        chat_template: apply the tokenizer's chat template (None: when it has one).
-        system_prompt: system message for chat templates.
-        dynamic_sampling: DAPO dynamic sampling, replace groups whose rewards are all equal.
-        max_sampling_rounds: generation rounds per step allowed for dynamic sampling.
-        val_size: evaluate at most this many held-out prompts (None: all).
-        val_num_samples: k sampled completions per held-out prompt for sampled accuracy and pass@k (0: greedy
-            only).
-        val_batch_size: held-out prompts per generation call.
-        seed: seed of the prompt order.
+        rollout: B prompts x G samples per rollout batch, dynamic sampling, the prompt order's seed.
+        encoding: prompt length limit, chat template, system prompt.
+        heldout: how many held-out prompts are evaluated, with how many samples, in what batches.
     """
 
     def __init__(
@@ -110,62 +102,27 @@ class RolloutDataModule(pl.LightningDataModule):
         accuracy_reward: Reward | None = None,
         engine: RolloutEngine | None = None,
         tokenizer: str | None = None,
-        prompts_per_step: int = 32,
-        num_samples: int = 8,
         sampling: SamplingConfig = DEFAULT_SAMPLING,
-        max_prompt_length: int = 512,
-        on_overlong: Literal["drop", "error"] = "drop",
-        chat_template: bool | None = None,
-        system_prompt: str | None = None,
-        dynamic_sampling: bool = False,
-        max_sampling_rounds: int = 3,
-        val_size: int | None = None,
-        val_num_samples: int = 4,
-        val_batch_size: int = 128,
-        seed: int = 0,
+        rollout: RolloutOptions = RolloutOptions(),  # noqa: B008 - frozen dataclasses: a shared default is safe
+        encoding: EncodingOptions = EncodingOptions(),  # noqa: B008
+        heldout: HeldOutOptions = HeldOutOptions(),  # noqa: B008
     ) -> None:
         super().__init__()
-        if prompts_per_step < 1 or num_samples < 1:
-            raise ValueError(f"prompts_per_step and num_samples must be >= 1, got {prompts_per_step}, {num_samples}.")
-        if num_samples < 2:
-            raise ValueError("num_samples (G) must be >= 2: group-relative advantages need at least two samples.")
-        if val_size is not None and val_size < 0:
-            raise ValueError(
-                f"data.val_size={val_size}: give the number of held-out prompts to evaluate (>= 0), or null for all."
-            )
-        if val_num_samples < 0:
-            raise ValueError(
-                f"data.val_num_samples={val_num_samples}: give the sampled completions per held-out prompt"
-                " (>= 0; 0 evaluates greedy only)."
-            )
         self.source = prompts if prompts is not None else AdditionTask()
         self.rewards = list(rewards) if rewards else [ExactMatchReward()]
-        if reward_weights is not None and len(reward_weights) != len(self.rewards):
-            raise ValueError(
-                f"reward_weights has {len(reward_weights)} entries for {len(self.rewards)} rewards; give one each."
-            )
+        check_weights(len(self.rewards), reward_weights)
         self.reward_weights = reward_weights
         self.accuracy_reward = accuracy_reward or self.rewards[0]
         self.engine = engine if engine is not None else TransformersEngine()
         self.tokenizer_path = tokenizer
-        self.prompts_per_step = prompts_per_step
-        self.num_samples = num_samples
         self.sampling = sampling
-        self.max_prompt_length = max_prompt_length
-        self.on_overlong = on_overlong
-        self.chat_template = chat_template
-        self.system_prompt = system_prompt
-        self.dynamic_sampling = dynamic_sampling
-        self.max_sampling_rounds = max_sampling_rounds
-        self.val_size = val_size
-        self.val_num_samples = val_num_samples
-        self.val_batch_size = val_batch_size
-        self.seed = seed
+        self.rollout, self.encoding, self.heldout = rollout, encoding, heldout
         self.epoch = 0
         self.cursor = 0
         self.steps = 0
         self.rollout_seed: int | None = None  # base of the rollout streams; fixed on first use or restored
         self.tokenizer = None
+        self._link: PolicyLink | None = None
         self._train: list[EncodedPrompt] | None = None
         self._fingerprint: dict[str, Any] | None = None  # of the training prompts, saved in checkpoints
         self._val: list[EncodedPrompt] = []
@@ -183,18 +140,19 @@ class RolloutDataModule(pl.LightningDataModule):
             return
         if self.tokenizer_path is None:
             raise ValueError(
-                "RolloutDataModule needs a tokenizer: set data.tokenizer (normally linked to model.model)."
+                "RolloutDataModule needs a tokenizer: set data.tokenizer (normally linked to model.policy.path)."
             )
         self.tokenizer = load_tokenizer(self.tokenizer_path)
         rank, world = self.rank_and_world
-        if self.prompts_per_step % world:
+        if self.rollout.prompts_per_step % world:
             raise ValueError(
-                f"prompts_per_step={self.prompts_per_step} must be divisible by the {world} data-parallel ranks."
+                f"data.rollout.prompts_per_step={self.rollout.prompts_per_step} must be divisible by the {world}"
+                " data-parallel ranks."
             )
         self._train = self._encode_train(world)
         self._fingerprint = prompt_fingerprint(self._train)
         self._check_restored_prompts()
-        val = self._encode(self.source.validation()[: self.val_size], "held-out")
+        val = self._encode(self.source.validation()[: self.heldout.size], "held-out")
         # every rank gets the same number of held-out prompts: sharded forwards and metric syncs are collectives
         self._val = val[: len(val) // world * world][rank::world]
         self.engine.configure(self.sampling, self.tokenizer)
@@ -203,10 +161,10 @@ class RolloutDataModule(pl.LightningDataModule):
             tokenizer=self.tokenizer,
             rewards=self.rewards,
             reward_weights=self.reward_weights,
-            num_samples=self.num_samples,
+            num_samples=self.rollout.num_samples,
             max_new_tokens=self.sampling.max_new_tokens,
-            dynamic_sampling=self.dynamic_sampling,
-            max_sampling_rounds=self.max_sampling_rounds,
+            dynamic_sampling=self.rollout.dynamic_sampling,
+            max_sampling_rounds=self.rollout.max_sampling_rounds,
         )
 
     def _encode(self, records: list, split: str) -> list[EncodedPrompt]:
@@ -216,15 +174,16 @@ class RolloutDataModule(pl.LightningDataModule):
         encoded, dropped = encode_prompts(
             records,
             tokenizer=self.tokenizer,
-            max_prompt_length=self.max_prompt_length,
-            on_overlong=self.on_overlong,
-            chat_template=self.chat_template,
-            system_prompt=self.system_prompt,
+            max_prompt_length=self.encoding.max_prompt_length,
+            on_overlong=self.encoding.on_overlong,
+            chat_template=self.encoding.chat_template,
+            system_prompt=self.encoding.system_prompt,
         )
         if dropped:
             rank_zero_warn(
-                f"Dropped {dropped} {split} prompts longer than max_prompt_length={self.max_prompt_length} tokens"
-                f" ({len(encoded)} kept). Raise data.max_prompt_length to keep them, or set data.on_overlong=error."
+                f"Dropped {dropped} {split} prompts longer than data.encoding.max_prompt_length="
+                f"{self.encoding.max_prompt_length} tokens ({len(encoded)} kept). Raise it to keep them, or set"
+                " data.encoding.on_overlong=error."
             )
         return encoded
 
@@ -233,34 +192,32 @@ class RolloutDataModule(pl.LightningDataModule):
         train = self._encode(self.source.train(), "training")
         if len(train) < world:
             raise ValueError(f"Only {len(train)} training prompts for {world} ranks.")
-        if len(train) // world < self.prompts_per_step // world:
+        per_step = self.rollout.prompts_per_step
+        if len(train) // world < per_step // world:
             rank_zero_warn(
-                f"Only {len(train)} training prompts for data.prompts_per_step={self.prompts_per_step}: every"
-                " rollout batch repeats prompts. Add prompts or lower data.prompts_per_step."
+                f"Only {len(train)} training prompts for data.rollout.prompts_per_step={per_step}: every rollout"
+                " batch repeats prompts. Add prompts or lower data.rollout.prompts_per_step."
             )
         return train
 
-    def bind_policy(self, policy: nn.Module) -> None:
-        """Give the engine the policy to generate with (done once per run; see the class docstring)."""
-        self.engine.bind(policy)
+    def connect(self, link: PolicyLink) -> None:
+        """Take the policy to generate with (``rollout.link``); the engine is bound to it before its first
+        generation. Engines told to report MoE routes are told now, before they build."""
+        if link.report_routes:
+            self.engine.request_routes()
+        self._link = link
 
     def _ensure_bound(self) -> None:
         # Bound on first use rather than in a hook: `trainer.validate` prefetches its first held-out batch
         # before any hook runs, and binding once here serves fit, validate and callbacks alike.
         if self.engine.is_bound:
             return
-        policy = getattr(self.trainer.lightning_module, "policy", None) if self.trainer is not None else None
-        if policy is None:
+        if self._link is None:
             raise RuntimeError(
-                "The rollout engine has no policy: train with GSPOModule (or a LightningModule with a `policy`"
-                " attribute), or call datamodule.bind_policy(model) outside a Trainer."
+                "The rollout engine has no policy: train with GSPOModule (it connects its policy when its model is"
+                " built), or call datamodule.connect(PolicyLink(model)) outside a Trainer."
             )
-        self.bind_policy(policy)
-
-    def request_routes(self) -> None:
-        """Have the engine report its MoE routes with every rollout (Rollout Routing Replay): the module calls
-        this when training starts, before the engine is bound (``RolloutEngine.request_routes``)."""
-        self.engine.request_routes()
+        self.engine.bind(self._link.policy)
 
     def sync_weights(self, policy: nn.Module) -> None:
         """Send the updated weights to the engine (called by the module after its optimizer steps)."""
@@ -270,7 +227,7 @@ class RolloutDataModule(pl.LightningDataModule):
     def _rank_order(self, epoch: int) -> list[EncodedPrompt]:
         rank, world = self.rank_and_world
         assert self._train is not None
-        g = torch.Generator().manual_seed(self.seed + epoch)
+        g = torch.Generator().manual_seed(self.rollout.seed + epoch)
         order = torch.randperm(len(self._train), generator=g)
         per_rank = len(self._train) // world
         return [self._train[i] for i in order[rank::world][:per_rank].tolist()]
@@ -292,7 +249,7 @@ class RolloutDataModule(pl.LightningDataModule):
         self._ensure_bound()
         _, world = self.rank_and_world
         with seeded_rng(self._stream_seed("rollout", self.steps)):
-            batch = self.collector.collect(self.next_prompts, self.prompts_per_step // world)
+            batch = self.collector.collect(self.next_prompts, self.rollout.prompts_per_step // world)
         self.steps += 1
         batch.metrics["rollout/epoch"] = float(self.epoch)
         return batch
@@ -317,13 +274,13 @@ class RolloutDataModule(pl.LightningDataModule):
         """Greedy and sampled correctness of ``prompts`` under the current policy."""
         self._ensure_bound()
         greedy = self._correct(prompts, 1, greedy=True)[:, 0]
-        k = self.val_num_samples
+        k = self.heldout.num_samples
         sampled = self._correct(prompts, k, greedy=False) if k > 0 else torch.zeros(len(prompts), 0, dtype=torch.bool)
         return EvalResult(greedy_correct=greedy, sampled_correct=sampled)
 
     def evaluate_heldout(self) -> Iterator[EvalResult]:
         """Evaluate this rank's held-out prompts, ``val_batch_size`` at a time, each from its own random stream."""
-        size = self.val_batch_size
+        size = self.heldout.batch_size
         for start in range(0, len(self._val), size):
             with seeded_rng(self._stream_seed("eval", self.steps, start)):
                 result = self.evaluate(self._val[start : start + size])
@@ -349,7 +306,7 @@ class RolloutDataModule(pl.LightningDataModule):
     # -- checkpointing -----------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        state = {"epoch": self.epoch, "cursor": self.cursor, "steps": self.steps, "seed": self.seed}
+        state = {"epoch": self.epoch, "cursor": self.cursor, "steps": self.steps, "seed": self.rollout.seed}
         state["rollout_seed"] = self._base_seed()
         if self._fingerprint is not None:
             state["prompts"] = self._fingerprint
@@ -357,10 +314,11 @@ class RolloutDataModule(pl.LightningDataModule):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("seed", self.seed) != self.seed:
+        seed = self.rollout.seed
+        if state_dict.get("seed", seed) != seed:
             raise ValueError(
-                f"The checkpoint's prompt order used seed {state_dict['seed']}, this run seed {self.seed}:"
-                " resume with the same data.seed to continue where the run stopped."
+                f"The checkpoint's prompt order used seed {state_dict['seed']}, this run seed {seed}:"
+                " resume with the same data.rollout.seed to continue where the run stopped."
             )
         self._restored_prompts = state_dict.get("prompts")  # absent in checkpoints written before fingerprints
         self._check_restored_prompts()  # now if set up, else once the prompts are encoded
@@ -381,20 +339,5 @@ class RolloutDataModule(pl.LightningDataModule):
                 f"The checkpoint was trained on another prompt set ({saved['count']} training prompts, fingerprint"
                 f" {saved['sha256']}) than this run ({current['count']}, {current['sha256']}), so its position in"
                 " the prompt order would apply to other data: resume with the same data.prompts (and"
-                " data.max_prompt_length, data.on_overlong), or start a new run without --ckpt_path."
+                " data.encoding), or start a new run without --ckpt_path."
             )
-
-
-def rollout_datamodule(trainer: pl.Trainer) -> RolloutDataModule:
-    """The trainer's rollout data module (anything with ``sync_weights``, for duck-typed replacements).
-
-    Raises:
-        RuntimeError: the trainer has no such data module.
-    """
-    dm = getattr(trainer, "datamodule", None)
-    if dm is None or not hasattr(dm, "sync_weights"):
-        raise RuntimeError(
-            "GSPOModule needs a RolloutDataModule (pass datamodule=RolloutDataModule(...) to the Trainer):"
-            " rollouts are generated on the data side with the policy this module trains."
-        )
-    return dm

@@ -17,7 +17,8 @@ from gspo_lightning.batch import RolloutBatch
 from gspo_lightning.data.encode import EncodedPrompt
 from gspo_lightning.engines.base import Generation, RolloutEngine
 from gspo_lightning.ops import group_stats
-from gspo_lightning.rewards.base import Reward, RewardInputs, compute_rewards
+from gspo_lightning.rewards.base import Reward, RewardInputs
+from gspo_lightning.rewards.combine import compute_rewards
 
 
 def decode_responses(tokenizer, generation: Generation) -> list[str]:
