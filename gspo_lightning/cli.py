@@ -17,7 +17,6 @@ import sys
 import warnings
 from argparse import ArgumentError
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -35,6 +34,7 @@ from gspo_lightning.checkpoints import (
     find_last_checkpoint,
     remove_interrupted_saves,
 )
+from gspo_lightning.config_checks import check_engine_installed, check_trainer_overlaps, moved_option_message
 from gspo_lightning.registry import Registry
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -68,49 +68,6 @@ def list_components(kinds: Sequence[str] = ()) -> str:
 
 LIST_HELP = "List the registered components (ratios, advantages, clips, KLs, rewards, engines, prompt sources)."
 PLAN_HELP = "Print the run's memory budget per device (no weights loaded): does it fit, and what to turn if not."
-
-
-# -- options that moved into groups ---------------------------------------------------------------------------
-_RENAMED = {
-    "model.model": "model.policy.path",
-    "data.val_size": "data.heldout.size",
-    "data.val_num_samples": "data.heldout.num_samples",
-    "data.val_batch_size": "data.heldout.batch_size",
-}
-"""Old options whose name changed too, not only their place (the others keep their name inside a group)."""
-
-
-def moved_options() -> dict[str, str]:
-    """Every flat option of the module and the data module before they were grouped -> its path now
-    (``model.mini_batches`` -> ``model.update.mini_batches``), read off the option groups themselves."""
-    from gspo_lightning.rollout.options import EncodingOptions, HeldOutOptions, RolloutOptions
-    from gspo_lightning.training.options import ModuleOptions
-
-    groups = {f"model.{f.name}": f.default_factory for f in fields(ModuleOptions)}
-    groups.update({"data.rollout": RolloutOptions, "data.encoding": EncodingOptions, "data.heldout": HeldOutOptions})
-    paths = [(group, f.name) for group, cls in groups.items() for f in fields(cls)]
-    renamed = set(_RENAMED.values())
-    moved = {f"{g.split('.')[0]}.{name}": f"{g}.{name}" for g, name in paths if f"{g}.{name}" not in renamed}
-    return {**moved, **_RENAMED}
-
-
-_UNRECOGNIZED = re.compile(r"unrecognized arguments: (.+)")
-_NOT_ACCEPTED = re.compile(r"Group '(?:\w+\.)?(model|data)' does not accept (?:nested key|option) '([\w.]+)'")
-
-
-def moved_option_message(message: str) -> str | None:
-    """One line naming the new path of an old flat option in a parse error (command line or YAML), else None."""
-    moved, names = moved_options(), []
-    found = _UNRECOGNIZED.search(message)
-    if found:
-        names = [a.removeprefix("--").split("=")[0] for a in found.group(1).split() if a.startswith("--")]
-    for group, key in _NOT_ACCEPTED.findall(message):
-        names.append(f"{group}.{key}")
-    hits = [(n, moved[n]) for n in names if n in moved]
-    if not hits:
-        return None
-    renames = "; ".join(f"{old} is now {new}" for old, new in hits)
-    return f"{renames} (the options are grouped: `gspo-lightning fit --help` lists them)."
 
 
 # -- misspelled components -------------------------------------------------------------------------------
@@ -206,11 +163,13 @@ class GSPOLightningCLI(LightningCLI):
             print(list_components(self.config.list.kinds))
             sys.exit(0)
         if subcommand == "plan":
-            print(plan_text(self.config.plan))
-            sys.exit(0)
+            text, status = plan_text(self.config.plan)
+            print(text)
+            sys.exit(status)  # 0: fits; DOES_NOT_FIT_STATUS (3) after the whole report, for launch scripts
         if subcommand is not None:
             check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
             check_engine_installed(self.config[subcommand])
+            check_trainer_overlaps(self.config[subcommand])
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """The data module tokenizes with the model's tokenizer; sampling settings are given once, under data."""
@@ -221,11 +180,23 @@ class GSPOLightningCLI(LightningCLI):
     @override
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """The Trainer, saving checkpoints with :class:`AtomicCheckpointIO` unless a plugin picked another IO, and
-        with a progress bar that counts optimizer steps (``callbacks.progress``) in place of Lightning's default."""
+        with a progress bar that counts optimizer steps (``callbacks.progress``) in place of Lightning's default.
+
+        Every run also gets: the run's fingerprint in its checkpoints (``RunFingerprint``, what ``--ckpt_path
+        last`` matches), a stop on SIGTERM with a checkpoint (``GracefulStop``), and the final policy as a Hugging
+        Face folder (an ``HFExport``, unless the configuration has one).
+        """
+        from gspo_lightning.callbacks import GracefulStop, HFExport
+        from gspo_lightning.checkpoints import RunFingerprint, run_fingerprint
+
         trainer = super().instantiate_trainer(**kwargs)
         use_step_progress_bar(trainer)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer.callbacks.extend([RunFingerprint(run_fingerprint(config)), GracefulStop()])
+        if not any(isinstance(cb, HFExport) for cb in trainer.callbacks):
+            trainer.callbacks.append(HFExport())
         return trainer
 
     def before_fit(self) -> None:
@@ -250,16 +221,20 @@ class GSPOLightningCLI(LightningCLI):
             )
 
     def _resolve_ckpt_path(self) -> None:
-        """``last`` becomes the newest last checkpoint of any version folder.
+        """``last`` becomes the complete checkpoint of this run (same fingerprint) with the most optimizer steps,
+        across the version folders; one line says which.
 
         Raises:
-            SystemExit: nothing to resume, or that checkpoint is empty or truncated (one line).
+            SystemExit: nothing to resume, only other runs' checkpoints (listed), or that checkpoint is empty or
+                truncated (one line).
         """
+        from gspo_lightning.checkpoints import run_fingerprint
+
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") == "last":
-            path = find_last_checkpoint(self.trainer)
+            path, line = find_last_checkpoint(self.trainer, run_fingerprint(self.config[self.subcommand]))
             check_checkpoint_file(str(path))
-            rank_zero_info(f"Resuming from {path}")
+            rank_zero_info(line)
             config["ckpt_path"] = str(path)
 
     def _warn_if_max_steps_rounds_up(self) -> None:
@@ -276,33 +251,22 @@ class GSPOLightningCLI(LightningCLI):
             )
 
 
-def check_engine_installed(config) -> None:
-    """Exit with one line, before anything loads, when the config names ``VLLMEngine`` and vLLM is missing."""
-    engine = config.get("data", {}).get("engine") if hasattr(config, "get") else None
-    class_path = engine.get("class_path", "") if hasattr(engine, "get") else str(engine or "")
-    if class_path.rsplit(".", 1)[-1] != "VLLMEngine":
-        return
-    from gspo_lightning.engines.vllm_engine import INSTALL_HINT, SWITCH_HINT, vllm_installed
-
-    if not vllm_installed():
-        sys.stderr.write(f"error: data.engine is VLLMEngine, but vLLM is not installed. {INSTALL_HINT} {SWITCH_HINT}\n")
-        sys.exit(2)
-
-
-def plan_text(config) -> str:
-    """The text of ``gspo-lightning plan`` for its parsed configuration.
+def plan_text(config) -> tuple[str, int]:
+    """The text of ``gspo-lightning plan`` for its parsed configuration, and the exit status: 0 when the run
+    fits, ``DOES_NOT_FIT_STATUS`` (3) when it does not.
 
     Raises:
         SystemExit: what the planner cannot read or find offline, as one line.
     """
-    from gspo_lightning.plan import plan_run, render
+    from gspo_lightning.plan import DOES_NOT_FIT_STATUS, plan_run, render
 
     settings = config.as_dict()
     device_memory = settings.pop("device_memory", None)
     try:
-        return render(plan_run(settings, device_memory))
+        plan = plan_run(settings, device_memory)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    return render(plan), 0 if plan.fits else DOES_NOT_FIT_STATUS
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> GSPOLightningCLI:
@@ -344,13 +308,26 @@ EXPECTED_WARNINGS = (
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run ``gspo-lightning`` on ``argv`` (default: ``sys.argv[1:]``)."""
+    """Run ``gspo-lightning`` on ``argv`` (default: ``sys.argv[1:]``).
+
+    A run stopped by SIGTERM ends with one line (the step, the checkpoint, the resume command) and exit status 143
+    (``callbacks.stop``), not with Lightning's silent exit status 0.
+    """
+    from gspo_lightning.callbacks.stop import STOP_EXCEPTIONS, STOPPED_EXIT_CODE, stopped_message
+
     for pattern in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     args = list(sys.argv[1:] if argv is None else argv)
     # LightningCLI reads sys.argv itself; giving it `args` as well would make it warn about both.
     sys.argv = [sys.argv[0], *with_demo_default(args)]
-    cli_main()
+    try:
+        cli_main()
+    except STOP_EXCEPTIONS as stop:
+        report = getattr(stop, "stop_report", None)
+        if report is None or report.global_zero:
+            sys.stdout.flush()  # the line comes last, after anything still buffered
+            sys.stderr.write(f"{stopped_message(report, args)}\n")
+        sys.exit(STOPPED_EXIT_CODE)
 
 
 if __name__ == "__main__":

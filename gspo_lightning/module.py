@@ -151,6 +151,8 @@ class GSPOModule(pl.LightningModule):
             rollout_side(self.trainer).connect(PolicyLink(self.policy, self.options.moe.wants_rollout_routes))
 
     def _build_models(self) -> None:
+        here = "cuda" if torch.cuda.is_available() else "cpu"
+        self.options.policy.check_device(self.trainer.strategy.root_device.type if self._trainer else here)
         mesh = self.strategy_adapter.data_parallel_mesh(lambda: self.device_mesh) if self._trainer else None
         device = self.trainer.strategy.root_device if mesh is not None else None
         models = build_models(self.options, self.peft_config, needs_reference(self.options.loss, self.advantage),

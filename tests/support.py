@@ -112,7 +112,7 @@ class CountingEngine(TransformersEngine):
 def nested(side: str, flat: dict) -> dict:
     """A ``model`` or ``data`` configuration (``side``) from flat option names, nested into the option groups
     through the CLI's table of moved options (``{"mini_batches": 2}`` -> ``{"update": {"mini_batches": 2}}``)."""
-    from gspo_lightning.cli import moved_options
+    from gspo_lightning.config_checks import moved_options
 
     moved, out = moved_options(), {}
     for name, value in flat.items():

@@ -26,6 +26,7 @@ LAYERS = [
     {"callbacks"},
     {"checkpoints"},  # checkpoint files, for the CLI
     {"plan"},  # the memory planner (reads configurations and model configs, loads nothing), for the CLI
+    {"config_checks"},  # checks of a parsed CLI configuration, before anything is built
     {"cli", "__init__"},
 ]
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}

@@ -12,7 +12,8 @@ import pytest
 import yaml
 from docstring_parser import parse
 
-from gspo_lightning.cli import CONFIG_DIR, cli_main, moved_options
+from gspo_lightning.cli import CONFIG_DIR, cli_main
+from gspo_lightning.config_checks import moved_options
 from gspo_lightning.module import GSPOModule
 from gspo_lightning.plan.run import run_spec
 from gspo_lightning.rollout import EncodingOptions, HeldOutOptions, RolloutDataModule, RolloutOptions

@@ -203,9 +203,23 @@ class RolloutDataModule(pl.LightningDataModule):
     def connect(self, link: PolicyLink) -> None:
         """Take the policy to generate with (``rollout.link``); the engine is bound to it before its first
         generation. Engines told to report MoE routes are told now, before they build."""
+        self._check_context(link.policy)
         if link.report_routes:
             self.engine.request_routes()
         self._link = link
+
+    def _check_context(self, policy: nn.Module) -> None:
+        """Refuse a generation limit the policy's context cannot hold next to the longest prompt (a model that
+        rarely stops would otherwise generate past its positions, or hang the first evaluation)."""
+        context = getattr(policy.config, "max_position_embeddings", None)
+        prompts = [*(self._train or []), *self._val]
+        longest = max((len(p.input_ids) for p in prompts), default=1)
+        new = self.sampling.max_new_tokens
+        if isinstance(context, int) and longest + new > context:
+            raise ValueError(
+                f"data.sampling.max_new_tokens={new} does not fit the model's context (max_position_embeddings="
+                f"{context}) after the longest prompt ({longest} tokens): set it to at most {context - longest}."
+            )
 
     def _ensure_bound(self) -> None:
         # Bound on first use rather than in a hook: `trainer.validate` prefetches its first held-out batch

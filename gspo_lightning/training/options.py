@@ -22,6 +22,10 @@ engine's (R3, arXiv 2510.11370)."""
 OldLogprobs = Literal["auto", "recompute", "rollout"]
 """The user's choice of pi_old (``model.update.old_logprobs``)."""
 
+ATTENTION_KERNELS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+"""The ``attn_implementation`` values the trainer's forwards and ``generate`` both handle (padded and, except
+eager, packed batches); others (``paged|...`` kernels serve continuous batching, not these forwards) are refused."""
+
 
 @dataclass(frozen=True)
 class PolicyOptions:
@@ -43,6 +47,28 @@ class PolicyOptions:
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
     disable_dropout: bool = True
+
+    def __post_init__(self) -> None:
+        kernel = self.attn_implementation
+        if kernel is not None and kernel not in ATTENTION_KERNELS:
+            raise ValueError(
+                f"model.policy.attn_implementation={kernel!r} is not one the trainer can use: pick one of"
+                f" {', '.join(ATTENTION_KERNELS)}, or null for transformers' default."
+            )
+
+    def check_device(self, device_type: str) -> None:
+        """Refuse a kernel that cannot run on ``device_type`` (``flex_attention`` compiles for GPUs only).
+
+        Raises:
+            ValueError: with the option and the fix.
+        """
+        if self.attn_implementation in ("flex_attention", "flash_attention_2", "flash_attention_3") and (
+            device_type == "cpu"
+        ):
+            raise ValueError(
+                f"model.policy.attn_implementation={self.attn_implementation} needs a GPU (on the CPU it fails"
+                " inside the compiler): use sdpa or eager here."
+            )
 
     def load_kwargs(self) -> dict[str, Any]:
         """The ``from_pretrained`` arguments (``gspo_lightning.models.load_causal_lm``)."""
