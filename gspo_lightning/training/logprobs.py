@@ -18,13 +18,17 @@ sampled from: ``log p(y_t) = z_y / tau - logsumexp(z / tau)``, ``H_t = logsumexp
 
 The head is swapped into the model for the duration of the forward (``set_output_embeddings``), so it runs
 inside the model's own forward and is called as a module: FSDP2 and DeepSpeed ZeRO-3 have its weight
-gathered there, as for the model's own ``lm_head``. Models whose logits are not a plain linear head of the
-last hidden state (logit soft-capping or scaling) fall back to the model's own logits, with one log line.
+gathered there, as for the model's own ``lm_head``. What the model's forward does to the head's output
+(soft-capping, a multiplier, scaling) the chunked head would skip, so it is checked once at setup
+(:func:`verify_chunked_head`: chunked against full-vocabulary log-probs on a probe batch); a model that fails
+the check, or whose config names such a transform, falls back to its own logits, with one log line.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +37,17 @@ from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
 
-# config attributes that transform logits after the output projection: the chunked head would skip them
 DEFAULT_CHUNK_SIZE = 256
 """Response tokens per chunk of the head: (256, 151,936) fp32 is 155 MiB per temporary; at Qwen's vocabulary
 a training micro-step of 8 x 512 tokens peaked at 1.6 GiB with it, 3.8 GiB with 1,024 (benchmarks/RESULTS.md)."""
 
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# config attributes (top level or text_config) that transform logits after the output projection: Gemma's
+# soft-capping, Cohere's logit_scale, Granite's logits_scaling, FalconH1's lm_head_multiplier; the setup probe
+# (verify_chunked_head) catches the transforms no attribute names
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale", "lm_head_multiplier",
+)  # fmt: skip
+_PROBE_SHAPE = (2, 8)  # sequences x tokens of the setup probe; its last half is the response
 
 
 @dataclass
@@ -117,8 +126,9 @@ class ChunkedLogprobHead(nn.Module):
 
     Called by the model's forward with its kept hidden states; ``rows`` (N, T) says which flattened row
     predicts each response token (``_Layout``). Returns ``(N, T, 2)``: the sampled tokens' log-probs and the
-    entropies. The wrapped head is not registered as a submodule, so the model's parameters and state dict
-    are unchanged while it stands in.
+    entropies. The wrapped head (``stands_in_for``) is not registered as a submodule, so the model's
+    parameters and state dict are unchanged while it stands in; what walks the module tree (peft's
+    ``disable_adapter()``) does not reach it (:class:`~gspo_lightning.adapters.AdapterDisabled` does).
 
     Args:
         head: the model's output projection (``get_output_embeddings()``).
@@ -147,6 +157,11 @@ class ChunkedLogprobHead(nn.Module):
         self.temperature, self.chunk_size = temperature, chunk_size
         self.entropy, self.entropy_grad = entropy, entropy_grad
 
+    @property
+    def stands_in_for(self) -> nn.Module:
+        """The output projection this head wraps (outside the model's module tree while it stands in)."""
+        return self.head
+
     def forward(self, hidden: Tensor) -> Tensor:
         real = hidden.flatten(0, 1)[self.rows[self.mask]]  # (R, H) real response positions only
         targets = self.targets[self.mask]  # (R,)
@@ -168,15 +183,103 @@ class ChunkedLogprobHead(nn.Module):
         return out
 
 
-def _chunked_head_supported(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    if any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS):
-        return False
+_full_logits: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+"""Output projections whose models compute full logits, with the reason (:func:`verify_chunked_head`); keyed by
+the projection, so the policy, a peft wrapper and ``AdapterDisabled`` around it share the verdict."""
+
+_fallback_logged: set[tuple[str, str]] = set()
+
+
+def _config_transforms(config) -> list[str]:
+    """The :data:`_LOGIT_TRANSFORMS` attributes set (not None, not 1) on ``config`` or its text config."""
+    configs = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
+    return sorted({name for c in configs for name in _LOGIT_TRANSFORMS if getattr(c, name, None) not in (None, 1.0)})
+
+
+def _full_logits_reason(model: nn.Module) -> str | None:
+    """Why ``model`` cannot use the chunked head (None when it can)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return isinstance(head, nn.Module) and hasattr(model, "set_output_embeddings")
+    if not isinstance(head, nn.Module) or not hasattr(model, "set_output_embeddings"):
+        return "no plain output projection to chunk"
+    if head in _full_logits:
+        return _full_logits[head]
+    transforms = _config_transforms(getattr(model, "config", None))
+    if transforms:
+        return f"its config transforms the logits after the output projection ({', '.join(transforms)})"
+    return None
 
 
-_fallback_logged: set[str] = set()
+def _log_fallback(model: nn.Module, reason: str) -> None:
+    key = (type(model).__name__, reason)
+    if key not in _fallback_logged:
+        _fallback_logged.add(key)
+        log.warning(
+            "%s: %s: computing full-vocabulary logits instead of chunks of model.batching.logprob_chunk_size"
+            " tokens, which needs O(N x T x V) memory.",
+            *key,
+        )
+
+
+def mark_full_logits(model: nn.Module, reason: str) -> None:
+    """Have every later :func:`response_logprobs` of ``model`` compute full logits (``reason`` is logged once)."""
+    _full_logits[model.get_output_embeddings()] = reason
+
+
+@torch.no_grad()
+def verify_chunked_head(model: nn.Module, chunk_size: int | None, device: torch.device | None = None) -> str | None:
+    """Check once, at setup, that the chunked head gives ``model``'s own log-probs; returns None when it does, else
+    the reason it does not, after :func:`mark_full_logits` (one log line names the reason and the option).
+
+    On a probe batch of 2 x 8 tokens (no gradient, eval mode, training flags restored after), the log-probs of
+    :func:`response_logprobs` with ``chunk_size`` are compared with the model's own full-vocabulary ones
+    (``chunk_size=None``). Whatever the model's forward does to the head's output (soft-capping, a multiplier,
+    scaling, under any config name or none) makes them differ. Tolerance: 1e-4 plus two units in the last place
+    of the largest logit in the head's output dtype (a low-precision matmul over another number of rows may
+    round a logit one unit differently; a log-prob moves by at most two such units).
+
+    Not run (None) when ``chunk_size`` is None, or when the weights are not there to run a forward (the meta
+    device, DeepSpeed ZeRO-3 partitions before its engine exists): the config check alone applies then. Under
+    FSDP2 every rank must call it (forwards are collectives).
+
+    Args:
+        model: a transformers causal LM, a peft model or ``AdapterDisabled``.
+        chunk_size: ``model.batching.logprob_chunk_size``.
+        device: where the probe's tokens go (default: the first parameter's device).
+    """
+    if chunk_size is None:
+        return None
+    reason = _full_logits_reason(model)
+    params = list(model.parameters())
+    if reason is not None or not params or any(p.is_meta or hasattr(p, "ds_id") for p in params):
+        return reason
+    config = getattr(model, "config", None)
+    vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", 16)
+    n, s = _PROBE_SHAPE
+    ids = (torch.arange(n * s, device=device or params[0].device).reshape(n, s) * 7 + 1) % vocab
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    head_out: list[Tensor] = []  # the head's own output in the full-logits pass: its dtype and scale
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: head_out.append(out))
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        full = response_logprobs(model, ids, mask, s // 2, chunk_size=None).logprobs
+        chunked = response_logprobs(model, ids, mask, s // 2, chunk_size=chunk_size).logprobs
+    finally:
+        hook.remove()
+        for module, mode in training.items():
+            module.training = mode
+    diff = float((chunked - full).abs().max()) if chunked.shape == full.shape else math.inf
+    logits = head_out[0] if head_out and isinstance(head_out[0], Tensor) else full.new_zeros(())
+    tolerance = 1e-4 + 2 * torch.finfo(logits.dtype).eps * float(logits.abs().max())
+    if diff <= tolerance:
+        return None
+    reason = (
+        f"the chunked log-prob head differs from the model's own logits by {diff:.3g} nats on a probe batch (its"
+        " forward transforms them after the output projection)"
+    )
+    mark_full_logits(model, reason)
+    _log_fallback(model, reason)
+    return reason
 
 
 def response_logprobs(
@@ -211,14 +314,10 @@ def response_logprobs(
     t = response_width
     mask = attention_mask[:, -t:].bool() if t else attention_mask[:, :0].bool()
     kwargs = {"output_router_logits": True} if output_router_logits else {}
-    chunked = chunk_size is not None and _chunked_head_supported(model)
-    if chunk_size is not None and not chunked and type(model).__name__ not in _fallback_logged:
-        _fallback_logged.add(type(model).__name__)
-        log.warning(
-            "%s: no plain output projection to chunk (or its logits are transformed after it): computing"
-            " full-vocabulary logits instead, which needs O(N x T x V) memory.",
-            type(model).__name__,
-        )
+    reason = _full_logits_reason(model) if chunk_size is not None else None
+    if reason is not None:
+        _log_fallback(model, reason)
+    chunked = chunk_size is not None and reason is None
     layout = (_packed_layout if padding_free else _padded_layout)(input_ids, attention_mask, t)
     targets = input_ids[:, input_ids.shape[1] - t :]
     head = model.get_output_embeddings() if chunked else None

@@ -16,6 +16,7 @@ from gspo_lightning.models import DType, empty_causal_lm, load_causal_lm
 from gspo_lightning.moe import MoELayout, RoutingController, moe_layout
 from gspo_lightning.moe.routing import routing_controller
 from gspo_lightning.sharding import fill_from_rank0, shard_fsdp2
+from gspo_lightning.training.logprobs import mark_full_logits, verify_chunked_head
 from gspo_lightning.training.options import ModuleOptions
 
 
@@ -128,6 +129,10 @@ def build_models(
     weights, sharded onto ``device`` (with adapters, every rank loads the frozen base, since the adapters are
     created on top of real weights; the root is then the transformers model, as ``generate()`` calls it
     directly, past the peft wrapper). Under peft the reference is the policy with its adapters off.
+
+    Last, the chunked log-prob head is checked against the policy's own logits on a probe batch
+    (:func:`~gspo_lightning.training.logprobs.verify_chunked_head`); when they differ, policy and reference compute
+    full-vocabulary logits instead, with one log line.
     """
     load, policy_options = options.policy.load_kwargs(), options.policy
     empty = mesh is not None and peft_config is None
@@ -152,4 +157,7 @@ def build_models(
             for model in (policy, reference):
                 if model is not None:
                     shard_from_rank0(model, load, mesh, device, *fsdp)
+    reason = verify_chunked_head(policy, options.batching.logprob_chunk_size, device)
+    if reason is not None and reference is not None:
+        mark_full_logits(reference, reason)  # the same architecture: no second probe
     return TrainerModels(policy, reference, layout, routing)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gspo_lightning.engines import SamplingConfig, TransformersEngine
-from gspo_lightning.training.logprobs import response_logprobs
+from gspo_lightning.training.logprobs import position_ids_from_mask, response_logprobs
 
 
 def _engine(model, tokenizer):
@@ -167,3 +167,58 @@ def test_packing_really_isolates_sequences(tiny_model):
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
     assert int(attn[2, -5:].sum()) == 1  # the last sequence's one response token ends the packed row
     assert abs(float(flat[0, -1] - padded[2, 0])) > 1e-3
+
+
+def _scaled(logits):
+    return 2.5 * logits
+
+
+def _softcapped(logits):
+    return 0.5 * torch.tanh(logits / 0.5)
+
+
+@pytest.mark.parametrize("transform", [_scaled, _softcapped], ids=["scaled", "softcapped"])
+def test_a_forward_that_transforms_its_logits_falls_back_to_them_at_setup(tiny_path, monkeypatch, caplog, transform):
+    # no config attribute says so: only the model's forward transforms its logits, after the output projection
+    from support import built_module
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
+
+    forward = Qwen3MoeForCausalLM.forward
+
+    def transformed(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        out.logits = transform(out.logits)
+        return out
+
+    monkeypatch.setattr(Qwen3MoeForCausalLM, "forward", transformed)
+    with caplog.at_level("WARNING", logger="gspo_lightning.training.logprobs"):
+        module = built_module(tiny_path, kl_coef=0.05)  # the reference is a second copy: it falls back too
+        ids, attn = _padded_batch(module.policy.config.vocab_size)
+        for model in (module.policy, module.reference):
+            with torch.no_grad():
+                chunked = response_logprobs(model, ids, attn, 5, chunk_size=module.options.batching.logprob_chunk_size)
+                full = response_logprobs(model, ids, attn, 5, chunk_size=None)
+                own = model(input_ids=ids, attention_mask=attn.long(), position_ids=position_ids_from_mask(attn)).logits
+            expected = own[:, -6:-1].float().log_softmax(-1).gather(-1, ids[:, -5:, None]).squeeze(-1)
+            torch.testing.assert_close(chunked.logprobs, expected.masked_fill(~attn[:, -5:], 0), rtol=1e-5, atol=1e-6)
+            assert torch.equal(chunked.logprobs, full.logprobs), "the full head, not a chunked approximation"
+    lines = [r.getMessage() for r in caplog.records if "logprob_chunk_size" in r.getMessage()]
+    assert len(lines) == 1, lines  # one line, naming the option
+
+
+def test_an_ordinary_model_keeps_its_chunked_head_after_the_setup_check(tiny_path, caplog):
+    from support import built_module
+
+    with caplog.at_level("WARNING", logger="gspo_lightning.training.logprobs"):
+        module = built_module(tiny_path, kl_coef=0.05)
+        ids, attn = _padded_batch(module.policy.config.vocab_size)
+        for model in (module.policy, module.reference):
+            shapes = []
+            hook = model.get_output_embeddings().register_forward_hook(
+                lambda m, i, o, seen=shapes: seen.append(o.shape)
+            )
+            with torch.no_grad():
+                response_logprobs(model, ids, attn, 5, chunk_size=module.options.batching.logprob_chunk_size)
+            hook.remove()
+            assert shapes == [torch.Size([int(attn[:, -5:].sum()), model.config.vocab_size])], "one chunk"
+    assert not caplog.records

@@ -1,6 +1,7 @@
 """LoRA through peft: adapters only train, the reference is the policy with its adapters off, rollout engines
 see the adapted policy, exports and resumes keep the adapters."""
 
+import copy
 from pathlib import Path
 
 import peft
@@ -9,7 +10,7 @@ import torch
 from support import addition_datamodule, built_module, tiny_args
 from transformers import AutoModelForCausalLM
 
-from gspo_lightning.adapters import AdapterDisabled, hf_name, merged_weights, transformers_model
+from gspo_lightning.adapters import AdapterDisabled, apply_peft, hf_name, merged_weights, transformers_model
 from gspo_lightning.cli import CONFIG_DIR, cli_main
 from gspo_lightning.engines.vllm_weights import iter_full_weights
 from gspo_lightning.rollout import PolicyLink
@@ -28,10 +29,10 @@ def _lora_module(tiny_path, config=LORA, **kwargs):
     return module
 
 
-def _logprobs(model, ids):
+def _logprobs(model, ids, chunk_size=256):
     mask = torch.ones_like(ids, dtype=torch.bool)
     with torch.no_grad():
-        return response_logprobs(model, ids, mask, 5).logprobs
+        return response_logprobs(model, ids, mask, 5, chunk_size=chunk_size).logprobs
 
 
 IDS = torch.randint(1, 12, (3, 10), generator=torch.Generator().manual_seed(0))
@@ -157,3 +158,92 @@ def test_gradient_checkpointing_reaches_the_adapters(tiny_path, rollout):
     assert sum(float(g.abs().sum()) for g in grads[True].values()) > 0
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _dense(tied: bool = False, **overrides):
+    """A tiny random dense Qwen3 (vocabulary 50), its embeddings tied or not."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, tie_word_embeddings=tied, **overrides,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def _off_zero(policy) -> None:
+    """Adapters that act: noise on every ``lora_B`` (weights and biases) and on the modules_to_save copies."""
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name or ".modules_to_save." in name:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.5)
+
+
+HEAD_ADAPTERS = {
+    "target_modules": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]),
+    "modules_to_save": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+}
+
+
+@pytest.mark.parametrize("where", list(HEAD_ADAPTERS))
+def test_the_reference_switches_off_an_adapted_output_layer_under_the_chunked_head(where):
+    # the chunked head keeps the real lm_head outside the module tree, where peft's disable_adapter() does not reach
+    base = _dense()
+    policy = apply_peft(copy.deepcopy(base), copy.deepcopy(HEAD_ADAPTERS[where]))
+    _off_zero(policy)
+    reference = AdapterDisabled(policy)
+    for chunk_size in (None, 2, 256):
+        expected = _logprobs(base, IDS, chunk_size)
+        torch.testing.assert_close(_logprobs(reference, IDS, chunk_size), expected, rtol=0, atol=1e-6)
+        assert (_logprobs(policy, IDS, chunk_size) - expected).abs().max() > 1e-2, "the head's adapter acts"
+    adapters = [p for n, p in policy.named_parameters() if "lora_" in n or ".modules_to_save." in n]
+    assert adapters and all(p.requires_grad for p in adapters), "switched back on, still trainable"
+
+
+def test_lora_bias_is_merged_as_peft_merges_it():
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_bias=True)
+    policy = apply_peft(_dense(attention_bias=True), config)
+    _off_zero(policy)
+    merged = dict(merged_weights(policy, policy.state_dict()))
+    expected = copy.deepcopy(policy).merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("where", list(HEAD_ADAPTERS))
+def test_adapting_the_output_layer_of_a_tied_model_is_refused(where):
+    # vLLM skips lm_head.weight for tied embeddings and a merged export ties it back: the adapter would be lost
+    with pytest.raises(ValueError, match=r"tie_word_embeddings.*lm_head"):
+        apply_peft(_dense(tied=True), copy.deepcopy(HEAD_ADAPTERS[where]))
+
+
+def _router_weights(merged: dict, plain: dict) -> dict[str, bool]:
+    """For each router weight of the tiny MoE (``mlp.gate.weight``): whether ``merged`` holds the base one."""
+    names = [n for n in plain if n.endswith("mlp.gate.weight")]
+    assert names
+    return {n: torch.equal(merged[n], plain[n]) for n in names}
+
+
+def test_all_linear_leaves_the_routers_as_they_are(tiny_path, tmp_path):
+    module = _lora_module(tiny_path)  # all-linear
+    trainable = [n for n, p in module.policy.named_parameters() if p.requires_grad]
+    assert any(".experts." in n for n in trainable) and not any(".mlp.gate." in n for n in trainable)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_path).state_dict()
+    merged = dict(merged_weights(module.policy, module.policy.state_dict()))
+    assert all(_router_weights(merged, plain).values()), "the merged routers are the base ones"
+    # the saved adapter says so too: loaded back, it adapts no router and is the trained policy
+    module.policy.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path), tmp_path)
+    assert not any(".mlp.gate." in n for n, _ in loaded.named_parameters() if ".lora_" in n)
+    torch.testing.assert_close(_logprobs(loaded, IDS), _logprobs(module.policy, IDS), rtol=0, atol=1e-6)
+
+
+def test_naming_the_router_adapts_it(tiny_path):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate"])
+    module = _lora_module(tiny_path, config)
+    assert any(".mlp.gate." in n for n, p in module.policy.named_parameters() if p.requires_grad)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_path).state_dict()
+    merged = dict(merged_weights(module.policy, module.policy.state_dict()))
+    assert not any(_router_weights(merged, plain).values()), "every router adapted"
