@@ -4,7 +4,7 @@
 and ``budget`` count the bytes, ``report`` assembles and prints them.
 """
 
-from gspo_lightning.plan.report import MemoryPlan, advice, plan_run, render
+from gspo_lightning.plan.report import DOES_NOT_FIT_STATUS, MemoryPlan, advice, plan_run, render
 from gspo_lightning.plan.run import parse_memory
 
-__all__ = ["MemoryPlan", "advice", "parse_memory", "plan_run", "render"]
+__all__ = ["DOES_NOT_FIT_STATUS", "MemoryPlan", "advice", "parse_memory", "plan_run", "render"]

@@ -2,13 +2,15 @@
 
 Generation is the rollout engine producing a rollout batch; the update is the pre-update pass and the optimizer
 steps. The trainer's weights and optimizer states live through both; gradients only through the update (the
-module sets them to None after each optimizer step; DeepSpeed keeps its gradient buffers). Per term, by strategy
-(``run.StrategySpec``):
+module sets them to None after each optimizer step; DeepSpeed keeps its gradient buffers and DDP its buckets).
+Per term, by strategy (``run.StrategySpec``):
 
 - weights: every parameter in its dtype, divided over the ranks when sharded (FSDP, ZeRO-3), in host memory when
   offloaded; LoRA: the frozen base plus the adapters (float32);
 - gradients and optimizer states: of the trainable parameters only (the adapters under LoRA), sharded by
-  FSDP / ZeRO-2 (gradients) and FSDP / ZeRO-1 (states). FSDP reduce-scatters after every micro-batch unless
+  FSDP / ZeRO-2 (gradients) and FSDP / ZeRO-1 (states). DDP's reducer keeps gradient-sized buckets for its
+  lifetime, generation included; the gradients are a second copy in the update unless
+  ``gradient_as_bucket_view`` makes them views of the buckets. FSDP reduce-scatters after every micro-batch unless
   ``model.sharding.sync_every_micro_batch: false`` (``training.strategy.backward_sync``): then it holds every unsharded
   gradient (float32 under FSDP2) until the mini-batch's last micro-batch;
 - the reference model (``kl_coef > 0`` or an advantage that reads it): a copy of the weights, sharded only
@@ -151,13 +153,19 @@ def state_terms(run: RunSpec, arch: Architecture, adapters: int, s: Shapes) -> l
         grads,
         f"{trainable:,} trainable x {grad_b} B" + (f", {where} each" * st.shard_grads if where else ""),
     )
+    held = grads if st.kind == "deepspeed" else 0.0  # set to None after each optimizer step, DeepSpeed aside
+    knob = "shard"
     if st.kind in ("fsdp2", "fsdp") and s.micro_batches > 1 and run.sync_every_micro_batch is False:
         update_grads = trainable * grad_b
+        knob = "accumulation" if update_grads > grads else "shard"
         note = f"unsharded while {s.micro_batches} micro-batches accumulate (sync_every_micro_batch: false)"
-    elif st.kind == "ddp" and st.shards > 1:
-        grads, update_grads, note = 2 * grads, 2 * grads, note + ", + DDP's gradient buckets"
-    held = grads if st.kind == "deepspeed" else 0.0  # set to None after each optimizer step, DeepSpeed aside
-    terms.append(Term("gradients", held, update_grads, note, "accumulation" if update_grads > grads else "shard"))
+    elif st.kind == "ddp":
+        # the reducer's buckets, gradient-sized in all, live as long as DDP (generation included); the
+        # gradients are a second copy unless they are views of them (gradient_as_bucket_view)
+        held = grads
+        update_grads = grads if st.grad_bucket_view else 2 * grads
+        note += ", views of DDP's buckets" if st.grad_bucket_view else ", + DDP's gradient buckets (kept throughout)"
+    terms.append(Term("gradients", held, update_grads, note, knob))
     state_b = FP32 if st.kind == "deepspeed" else pb
     optim = _split(trainable * run.optimizer_states * state_b, st.shards, st.shard_optimizer)
     optim = 0.0 if st.offload_optimizer else optim

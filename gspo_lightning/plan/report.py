@@ -2,7 +2,8 @@
 
 :func:`plan_run` assembles the terms of ``plan.budget`` for a parsed ``fit`` configuration; :func:`render` prints
 them as a table (GiB = 2^30 bytes), with the peak phase, the dominant term and, when the run does not fit or
-comes within 10% of the device's memory, one concrete change.
+comes within 10% of the device's memory, one concrete change. The command exits with
+:data:`DOES_NOT_FIT_STATUS` after a report that does not fit, 0 after one that does.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from gspo_lightning.plan.run import GIB, RunSpec, host_memory, parse_memory, run
 DEFAULT_GPU_MEMORY = 80 * 10**9  # an 80 GB H100 / A100 when no GPU is visible and none is given
 ALWAYS_SHOWN = ("policy weights", "gradients", "optimizer states", "activations")
 HEADROOM = 0.9  # within 10% of the device's memory a run is not called safe
+DOES_NOT_FIT_STATUS = 3  # the exit status of `gspo-lightning plan` after a report that says DOES NOT FIT
 NOT_MODELLED = (
     "not modelled: the allocator's fragmentation and cache (keep ~10% free), Python and library memory on the"
     " host, dynamic sampling's extra rounds, evaluation batches (data.heldout.batch_size)"

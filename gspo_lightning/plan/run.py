@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -31,18 +32,21 @@ def parse_memory(text: str) -> int:
     """Bytes of a size such as ``80GiB``, ``80 GB``, ``81920MiB`` or ``1.5TiB`` (GB = 10^9, GiB = 2^30).
 
     Raises:
-        ValueError: no number or no known unit (one line with examples).
+        ValueError: no number, no known unit, or not a finite size of at least one byte (one line with examples).
     """
     cleaned = str(text).strip().replace(" ", "").lower()
     number = cleaned.rstrip("kmgtib")
     unit = cleaned[len(number) :]
     try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in _UNITS or value <= 0:
-        raise ValueError(f"--device_memory {text!r}: give a size with a unit, e.g. 80GiB, 80GB or 81920MiB.")
-    return int(value * _UNITS[unit])
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1):  # also refuses nan, inf and sizes below a byte (0.5B)
+        raise ValueError(
+            f"--device_memory {text!r}: give a finite size of at least 1 byte with a unit, e.g. 80GiB, 80GB or"
+            " 81920MiB."
+        )
+    return int(value)
 
 
 def host_memory() -> int:
@@ -60,6 +64,8 @@ class StrategySpec:
         shards: ranks each sharded state is split over (1: replicated).
         shard_params / shard_grads / shard_optimizer: which states are split (ZeRO-1/2/3, FSDP).
         offload_params / offload_optimizer: those states live in host memory (FSDP2/FSDP1 CPU offload, ZeRO offload).
+        grad_bucket_view: DDP's ``gradient_as_bucket_view``: the gradients are views of the reducer's buckets
+            instead of a second copy.
     """
 
     kind: StrategyKind
@@ -70,6 +76,7 @@ class StrategySpec:
     shard_optimizer: bool = False
     offload_params: bool = False
     offload_optimizer: bool = False
+    grad_bucket_view: bool = False
 
 
 @dataclass(frozen=True)
@@ -182,39 +189,76 @@ def _deepspeed(args: dict[str, Any], shards: int, label: str) -> StrategySpec:
     )  # fmt: skip
 
 
+def _strategy_class(value: Any, world: int) -> tuple[type, dict[str, Any]]:
+    """The strategy class ``trainer.strategy`` stands for and its arguments, resolved as ``fit`` resolves them:
+    ``auto`` (one device: single device, more: DDP), a name of Lightning's ``StrategyRegistry`` in any case with
+    its registered arguments, or a class value.
+
+    Raises:
+        ValueError: a name ``fit`` refuses (one line listing the valid ones) or a class that cannot be imported.
+    """
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+
+    if isinstance(value, dict):
+        try:
+            return _import(value), dict(value.get("init_args") or {})
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ValueError(f"trainer.strategy: cannot import {value.get('class_path')!r} ({err}).") from None
+    name = "auto" if value is None else str(value).lower()
+    if name == "auto":
+        return (SingleDeviceStrategy if world == 1 else DDPStrategy), {}
+    if name not in StrategyRegistry:
+        names = ", ".join(["auto", *StrategyRegistry.available_strategies()])
+        raise ValueError(
+            f"trainer.strategy={value!r} is not a strategy fit accepts: use one of {names}, or a strategy class"
+            " (class_path)."
+        )
+    entry = StrategyRegistry[name]
+    return entry["strategy"], dict(entry["init_params"])
+
+
 def strategy_spec(value: Any, world: int, devices: int) -> StrategySpec:
     """The :class:`StrategySpec` of ``trainer.strategy`` (a name or a class value) on ``world`` ranks.
 
     Raises:
-        ValueError: a strategy the planner does not model (one line listing those it does).
+        ValueError: a strategy ``fit`` refuses, or one the planner does not model (one line each).
     """
-    name, args = _class(value)
-    lowered = name.lower()
-    if lowered in ("", "auto", "singledevicestrategy", "single_device") and world == 1:
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+        SingleDeviceStrategy,
+        SingleDeviceXLAStrategy,
+        XLAStrategy,
+    )
+
+    cls, args = _strategy_class(value, world)
+    label = cls.__name__
+    if issubclass(cls, SingleDeviceStrategy) and not issubclass(cls, SingleDeviceXLAStrategy) and world == 1:
         return StrategySpec("single", "single device")
-    if lowered in ("", "auto") or lowered.startswith("ddp") or name == "DDPStrategy":
-        return StrategySpec("ddp", f"DDP over {world} (full replica per rank)", world)
-    if name == "ModelParallelStrategy":
+    if issubclass(cls, ModelParallelStrategy):
         tp = int(args.get("tensor_parallel_size", 1) or 1)
         dp = args.get("data_parallel_size", "auto")
         dp = world // tp if dp in (None, "auto") else int(dp)
         return StrategySpec("fsdp2", f"FSDP2 over {dp} (ModelParallelStrategy)", dp, True, True, True)
-    if name == "FSDPStrategy" or lowered.startswith("fsdp"):
+    if issubclass(cls, FSDPStrategy):
         sharding = str(args.get("sharding_strategy", "FULL_SHARD")).upper().rsplit(".", 1)[-1]
         shards = devices if sharding.startswith("HYBRID") else (1 if sharding == "NO_SHARD" else world)
-        offload = bool(args.get("cpu_offload")) or "offload" in lowered
+        offload = bool(args.get("cpu_offload"))
         full = sharding != "NO_SHARD"
         label = f"FSDP {sharding} over {shards}{' + CPU offload' if offload else ''}"
         return StrategySpec("fsdp", label, shards, full, full, full, offload and full, offload and full)
-    if name == "DeepSpeedStrategy" or lowered.startswith("deepspeed"):
-        if not args:
-            parts = lowered.split("_")
-            stage = next((int(p) for p in parts if p.isdigit()), 2)
-            args = {"stage": stage, "offload_optimizer": "offload" in parts, "offload_parameters": "offload" in parts}
+    if issubclass(cls, DeepSpeedStrategy):
         return _deepspeed(args, world, "DeepSpeed")
+    if issubclass(cls, DDPStrategy) and not issubclass(cls, XLAStrategy):
+        view = bool(args.get("gradient_as_bucket_view", False))
+        return StrategySpec("ddp", f"DDP over {world} (full replica per rank)", world, grad_bucket_view=view)
+    if issubclass(cls, SingleDeviceStrategy) and not issubclass(cls, SingleDeviceXLAStrategy):
+        raise ValueError(f"trainer.strategy={label} runs on one device, but the run has {world}: use auto or ddp.")
     raise ValueError(
-        f"trainer.strategy={name!r}: the planner models auto, ddp*, fsdp*, deepspeed* and Lightning's"
-        " DDPStrategy, ModelParallelStrategy (FSDP2), FSDPStrategy and DeepSpeedStrategy; use one of them."
+        f"trainer.strategy={label}: the planner models auto, single_device, ddp*, fsdp*, deepspeed* and Lightning's"
+        f" DDPStrategy, ModelParallelStrategy (FSDP2), FSDPStrategy and DeepSpeedStrategy; not {label}."
     )
 
 

@@ -30,26 +30,34 @@ def micro_batch_indices(n: int, size: int | None) -> list[Tensor]:
     return list(torch.split(torch.arange(n), size or max(n, 1)))
 
 
-def token_budget_indices(lengths: Tensor, budget: int) -> list[Tensor]:
+def token_budget_indices(prompt_lengths: Tensor, response_lengths: Tensor, budget: int) -> list[Tensor]:
     """Index sets of sequences packed into micro-batches of at most ``budget`` tokens each, padding included.
 
-    Sequences are sorted by length, longest first, and each micro-batch takes as many of the next ones as fit
-    in ``budget`` once padded to its first (longest) one: ``count x longest <= budget``. So a micro-batch
-    holds sequences of similar length (little padding once trimmed), its padded size, the work and memory of
-    its forward, stays within the budget, and so do its real tokens. A sequence longer than the budget gets a
-    micro-batch of its own. One loop step per micro-batch.
+    Sequences are sorted by length (prompt + response), longest first, and each micro-batch takes as many of
+    the next ones as fit in ``budget`` once padded to its widths: ``rows x (longest prompt + longest
+    response) <= budget``, the size of the micro-batch trimmed to its own widths (``RolloutBatch.trimmed``:
+    prompts left-padded to the longest prompt, responses right-padded to the longest response, at least one
+    column). So a micro-batch holds sequences of similar length (little padding once trimmed), its padded size,
+    the work and memory of its forward, stays within the budget, and so do its real tokens. A sequence longer
+    than the budget gets a micro-batch of its own. One loop step per micro-batch.
 
     Args:
-        lengths: (n,) real tokens (prompt + response) of each sequence.
+        prompt_lengths: (n,) real prompt tokens of each sequence.
+        response_lengths: (n,) real response tokens of each sequence.
         budget: the most tokens, padding included, a micro-batch holds.
     """
     if budget < 1:
         raise ValueError(f"micro_batch_tokens must be >= 1, got {budget}.")
-    order = torch.argsort(lengths, descending=True, stable=True)
-    sorted_lengths = lengths[order].tolist()
+    order = torch.argsort(prompt_lengths + response_lengths, descending=True, stable=True)
+    prompts, responses = prompt_lengths[order].cpu(), response_lengths[order].cpu()
     out, start = [], 0
     while start < len(order):
-        count = max(budget // max(int(sorted_lengths[start]), 1), 1)
+        # padded size of the micro-batch of the next 1, 2, ... sequences: nondecreasing, so those within the
+        # budget are a prefix (at most `budget` rows: every row is at least one column wide)
+        window = slice(start, start + budget)
+        widths = torch.cummax(prompts[window], 0).values + torch.cummax(responses[window], 0).values.clamp(min=1)
+        padded = torch.arange(1, len(widths) + 1) * widths
+        count = max(int((padded <= budget).sum()), 1)
         out.append(order[start : start + count])
         start += count
     return out
@@ -63,13 +71,15 @@ def micro_batches(
     Args:
         batch: a mini-batch (or the whole rollout batch, for the no-grad passes).
         size: sequences per micro-batch (None: all), when ``tokens`` is None.
-        tokens: the real-token budget of a micro-batch (:func:`token_budget_indices`); overrides ``size``.
+        tokens: the token budget of a micro-batch, padding included: rows x (its longest prompt + its longest
+            response) (:func:`token_budget_indices`); overrides ``size``.
         agree: returns the largest micro-batch count over the data-parallel ranks (a collective). Sharded
             forwards (FSDP2) are collectives, so every rank must run as many: a rank with fewer splits its
             largest micro-batches in two until it has that many.
     """
     if tokens is not None:
-        index = token_budget_indices(batch.attention_mask.sum(-1), tokens)
+        prompts = batch.attention_mask[:, : batch.prompt_width].sum(-1)
+        index = token_budget_indices(prompts, batch.response_mask.sum(-1), tokens)
     else:
         index = micro_batch_indices(len(batch), size)
     target = agree(len(index)) if agree is not None else len(index)

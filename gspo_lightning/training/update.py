@@ -1,10 +1,15 @@
 """The loss of one micro-batch in the update: the policy objective plus the entropy and MoE terms.
 
-``loss = objective(lp, old, A, m, ref) - entropy_coef * agg(H) + router_aux_loss_coef * aux * n / N'``
-(docs/algorithms.md, "How the pieces meet"). Every term is this micro-batch's share of the mini-batch
-value: the objective and the entropy are normalised by the mini-batch's global counts, and the MoE
-auxiliary loss (a per-forward mean) is weighted by the micro-batch's share of sequences, so the shares of
-all micro-batches and ranks add up to the whole-mini-batch formula.
+``loss = objective(lp, old, A, m, ref) - entropy_coef * agg(H) + router_aux_loss_coef * aux * n' / N'``
+(docs/algorithms.md, "How the pieces meet"). The objective and the entropy are this micro-batch's share of
+the mini-batch value: they are normalised by the mini-batch's global counts, so the shares of all
+micro-batches and ranks add up to the whole-mini-batch formula exactly. The MoE auxiliary loss is not split
+this way: ``aux`` is the model's own load-balancing loss of this forward (transformers'
+``load_balancing_loss_func``: ``E x sum_e f_e P_e`` with the expert fractions ``f`` and mean router
+probabilities ``P`` of this micro-batch's real tokens), weighted by the micro-batch's share ``n' / N'`` of the
+mini-batch's sequences with a response (over all ranks). What is optimised is the sequence-weighted mean over
+micro-batches of each micro-batch's own load-balancing loss; a product of means does not add up over parts,
+so it equals the whole-mini-batch load-balancing loss only when the mini-batch is one forward (weight 1).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ class PolicyLoss:
         loss: the sampling temperature (the log-probs describe the sampled distribution) and the entropy bonus's
             weight (0: the entropy is only logged, without gradient).
         batching: the output projection's chunk size and padding-free packing (``training.logprobs``).
-        router_aux_loss_coef: weight of an MoE model's load-balancing loss (0: off).
+        router_aux_loss_coef: weight of an MoE model's load-balancing loss (0: off); each micro-batch adds its
+            own, weighted by its share of the sequences with a response (see the module docstring).
     """
 
     def __init__(
@@ -96,7 +102,9 @@ class PolicyLoss:
         if out.router_logits:
             if self.router_aux_loss_coef > 0:
                 aux = out.aux_loss
-                loss = loss + self.router_aux_loss_coef * aux * len(micro) / max(counts.num_seqs, 1.0)
+                # n' / N': shares of the same sequences N' counts, so they add up to 1 over micro-batches and ranks
+                share = micro.response_mask.any(-1).sum() / max(counts.num_seqs, 1.0)
+                loss = loss + self.router_aux_loss_coef * aux * share
                 metrics["moe/aux_loss"] = aux.detach().float()
             if router_stats is not None:
                 router_stats.add(out.router_logits, out.router_token_mask)

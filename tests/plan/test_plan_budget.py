@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+from lightning.pytorch.strategies import StrategyRegistry
 from support import nested
 
 from gspo_lightning.plan.activations import Widths, train_micro_batch
@@ -39,10 +40,19 @@ def test_ddp_replicates_and_fsdp2_over_8_divides_by_8():
     # float32: 1e6 x 4 B weights; AdamW 2 x 4 B per parameter; DDP adds its gradient buckets (a second copy)
     assert ddp["policy weights"].update == 4_000_000 and ddp["optimizer states"].update == 8_000_000
     assert ddp["gradients"].update == 2 * 4_000_000
+    assert ddp["gradients"].generation == 4_000_000  # the reducer's buckets live as long as DDP does
+    assert ddp["gradients"].knob == "shard"
     assert fsdp["policy weights"].update == 4_000_000 / 8
     assert fsdp["optimizer states"].update == 8_000_000 / 8
     # 16 sequences / 8 ranks = 2 per rank, one mini-batch, one micro-batch: the gradients are reduce-scattered
     assert fsdp["gradients"].update == 4_000_000 / 8
+
+
+def test_ddp_gradients_as_bucket_views_are_one_copy_in_both_phases():
+    strategy = {"class_path": "lightning.pytorch.strategies.DDPStrategy",
+                "init_args": {"gradient_as_bucket_view": True}}  # fmt: skip
+    grads = terms(spec({"devices": 2, "strategy": strategy}))["gradients"]
+    assert grads.generation == grads.update == 4_000_000
 
 
 def test_fsdp2_reduce_scatters_every_micro_batch_unless_told_not_to():
@@ -123,12 +133,47 @@ def test_parse_memory(text, expected):
     assert parse_memory(text) == expected
 
 
-@pytest.mark.parametrize("text", ["80", "eighty GiB", "80 parsecs", "-1GiB"])
-def test_parse_memory_refuses_a_size_without_a_unit(text):
-    with pytest.raises(ValueError, match="give a size with a unit"):
+@pytest.mark.parametrize("text", ["80", "eighty GiB", "80 parsecs", "-1GiB", "0GiB", "0.5B", "infGiB", "nanGiB"])
+def test_parse_memory_refuses_what_is_not_a_size(text):
+    with pytest.raises(ValueError, match=r"--device_memory .*: give a finite size of at least 1 byte with a unit"):
         parse_memory(text)
 
 
 def test_an_unmodelled_strategy_is_one_line():
-    with pytest.raises(ValueError, match="the planner models auto, ddp"):
+    with pytest.raises(ValueError, match="cannot import 'my.CustomStrategy'"):
         spec({"devices": 2, "strategy": {"class_path": "my.CustomStrategy"}})
+    with pytest.raises(ValueError, match="the planner models"):
+        spec({"devices": 2, "strategy": {"class_path": "lightning.pytorch.strategies.XLAStrategy"}})
+
+
+def test_a_strategy_name_fit_refuses_is_refused_with_the_valid_names():
+    with pytest.raises(ValueError, match=r"trainer.strategy='fsdp3' .* auto, ddp, .*fsdp_cpu_offload") as err:
+        spec({"devices": 2, "strategy": "fsdp3"})
+    assert "\n" not in str(err.value)
+
+
+KINDS = {
+    "DDPStrategy": "ddp",
+    "DeepSpeedStrategy": "deepspeed",
+    "FSDPStrategy": "fsdp",
+    "SingleDeviceStrategy": "single",
+}
+
+
+@pytest.mark.parametrize("name", StrategyRegistry.available_strategies())
+def test_every_registered_strategy_name_plans_as_its_class(name):
+    devices = 1 if name.startswith("single") else 2
+    cls = StrategyRegistry[name]["strategy"].__name__
+    if cls not in KINDS:  # XLA / TPU
+        with pytest.raises(ValueError, match=f"the planner models .* not {cls}"):
+            spec({"devices": devices, "strategy": name})
+        return
+    assert spec({"devices": devices, "strategy": name}).strategy.kind == KINDS[cls]
+    assert spec({"devices": devices, "strategy": name.upper()}).strategy.kind == KINDS[cls]  # fit lowercases
+
+
+def test_registered_deepspeed_and_fsdp_names_carry_their_arguments():
+    offload = spec({"devices": 4, "strategy": "deepspeed_stage_3_offload"}).strategy
+    assert offload.shard_params and offload.offload_params and offload.offload_optimizer
+    assert not spec({"devices": 4, "strategy": "deepspeed"}).strategy.shard_params  # stage 2 by default
+    assert spec({"devices": 4, "strategy": "fsdp_cpu_offload"}).strategy.offload_optimizer

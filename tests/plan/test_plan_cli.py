@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gspo_lightning.cli import CONFIG_DIR, DEMO_CONFIG, main
+from gspo_lightning.plan.report import NOT_MODELLED
 
 TOP_LEVEL = sorted(p for p in CONFIG_DIR.glob("*.yaml") if "model:\n  policy:\n" in p.read_text())
 assert len(TOP_LEVEL) >= 3, "no run config found: the selection above no longer matches the shipped configs"
@@ -22,12 +23,21 @@ def _offline(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["gspo-lightning"])
 
 
-def plan(capsys, *args: str) -> str:
+def plan(capsys, *args: str, status: int = 0) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(["plan", *args])
     captured = capsys.readouterr()
-    assert exit_info.value.code in (0, None), captured.err
+    assert (exit_info.value.code or 0) == status, captured.err
     return captured.out
+
+
+def plan_error(*args: str) -> str:
+    """The one-line message ``plan`` exits with."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", *args])
+    message = exit_info.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    return message
 
 
 def assert_table(out: str) -> None:
@@ -69,10 +79,28 @@ def test_the_demo_without_config_and_an_override_as_for_fit(capsys):
     assert activations[0] < activations[1]
 
 
-def test_a_run_that_does_not_fit_names_the_dominant_term_and_a_knob(capsys):
-    out = plan(capsys, "--device_memory", "100MiB")
+def test_a_run_that_does_not_fit_names_the_dominant_term_and_a_knob_and_exits_3(capsys):
+    out = plan(capsys, "--device_memory", "100MiB", status=3)  # a launch script can test it
     assert "DOES NOT FIT" in out
     assert re.search(r"^knob: .*--(model|data)\.\S+ \S+", out, re.M), out
+    assert_table(out)  # the whole report is printed first
+    assert NOT_MODELLED in out
+
+
+@pytest.mark.parametrize("size", ["0.5B", "infGiB", "nanGiB"])
+def test_a_device_memory_that_is_not_a_size_is_one_line(size):
+    message = plan_error("--device_memory", size)
+    assert f"--device_memory {size!r}" in message and "e.g. 80GiB" in message
+
+
+def test_a_strategy_fit_refuses_is_refused_with_the_valid_names():
+    message = plan_error("--trainer.strategy", "fsdp3")
+    assert "trainer.strategy='fsdp3'" in message and "ddp_find_unused_parameters_true" in message
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_find_unused_parameters_true", "fsdp", "deepspeed_stage_3"])
+def test_registered_strategy_names_still_plan(strategy, capsys):
+    assert_table(plan(capsys, "--trainer.strategy", strategy, "--trainer.devices", "2"))
 
 
 def test_the_30b_config_on_its_stated_hardware_names_what_dominates(capsys):
@@ -86,7 +114,7 @@ def test_bad_device_memory_is_one_error_line():
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False,
     )  # fmt: skip
     assert result.returncode != 0
-    assert "--device_memory '80': give a size with a unit, e.g. 80GiB" in result.stderr
+    assert "--device_memory '80': give a finite size of at least 1 byte with a unit, e.g. 80GiB" in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.startswith("error")]) == 1
 
 
