@@ -14,18 +14,21 @@ seconds the last rollout batch took, generation and update, without the held-out
 shows (``reward``, and ``val_acc`` after a held-out evaluation).
 
 The CLI swaps Lightning's default bar for these (:func:`use_step_progress_bar`); ``--trainer.enable_progress_bar
-false`` still shows none.
+false`` still shows none. Without a terminal (nohup, SLURM, CI logs: a bar's redraws are lost there) it prints a
+plain line instead (:class:`StepLineProgress`): after the first rollout batch, at most every ``every_s`` seconds
+after that, after each held-out evaluation and at the end, with the step, the reward, ``s/rollout`` and the ETA.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from datetime import timedelta
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from typing_extensions import override
@@ -231,12 +234,85 @@ class StepRichProgressBar(_RolloutCounting, RichProgressBar):
         self.refresh()
 
 
+class StepLineProgress(_RolloutCounting, ProgressBar):
+    """Plain progress lines for output that is not a terminal (see the module docstring).
+
+    Args:
+        every_s: seconds between two lines while training (the first rollout batch, each held-out evaluation and
+            the last step always print one).
+    """
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._enabled = True
+        self._run_start = self._last_line = 0.0
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _print(self, text: str) -> None:
+        if self._enabled:
+            print(text, flush=True)
+            self._last_line = time.monotonic()
+
+    def line(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        """``step 120/3200 (3.8%) | reward 0.41 | s/rollout 1.35 | elapsed 0:02:40 | ETA 0:57:12``."""
+        step, total = trainer.global_step, self.total_train_batches
+        elapsed = time.monotonic() - self._run_start
+        parts = [f"step {step}/{total}" + (f" ({100 * step / total:.1f}%)" if math.isfinite(total) else "")]
+        parts += [
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in self.get_metrics(trainer, pl_module).items()
+        ]
+        parts.append(f"elapsed {timedelta(seconds=round(elapsed))}")
+        rate = run_rate(step - self._first_step, elapsed)
+        if rate is not None and math.isfinite(total):
+            parts.append(f"ETA {timedelta(seconds=round(max(total - step, 0) / rate))}")
+        return " | ".join(parts)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_run(trainer)
+        self._run_start = time.monotonic()
+        self._print(
+            f"training: {DESCRIPTION} {trainer.global_step} -> {trainer.max_steps} (progress every {self.every_s:g} s)"
+        )
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._end_batch(trainer)
+        due = time.monotonic() - self._last_line >= self.every_s
+        if self._batches == 1 or due or trainer.global_step >= self.total_train_batches:
+            self._print(self.line(trainer, pl_module))
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit" and self._batches:
+            self._print(f"held-out evaluation | {self.line(trainer, pl_module)}")
+
+
+def interactive() -> bool:
+    """Whether standard output is a terminal a progress bar can redraw on."""
+    return sys.stdout.isatty()
+
+
 def use_step_progress_bar(trainer: pl.Trainer) -> None:
     """Replace Lightning's own rich or tqdm bar (the default, or one listed in ``trainer.callbacks``) with the
-    step-counting one of the same kind and settings; any other bar (a subclass, your own), or none, is left alone."""
+    step-counting one of the same kind and settings, or with plain lines when standard output is no terminal; any
+    other bar (a subclass, your own), or none, is left alone."""
     bar = trainer.progress_bar_callback
-    if type(bar) is RichProgressBar:
-        new: Any = StepRichProgressBar(bar.refresh_rate, bar._leave, bar.theme, bar._console_kwargs)
+    if type(bar) in (RichProgressBar, TQDMProgressBar) and not interactive():
+        new: Any = StepLineProgress()
+    elif type(bar) is RichProgressBar:
+        new = StepRichProgressBar(bar.refresh_rate, bar._leave, bar.theme, bar._console_kwargs)
     elif type(bar) is TQDMProgressBar:
         new = StepTQDMProgressBar(bar.refresh_rate, bar.process_position, leave=bar._leave)
     else:

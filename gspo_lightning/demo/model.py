@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from gspo_lightning.data.tasks import AdditionTask
@@ -185,6 +186,7 @@ def prepare_builtin(name: str, root: Path | None = None) -> Path:
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    rank_zero_info(f"Building the built-in model {name} (a supervised warm-up, once; cached in {target.parent})")
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         alphabet = "0123456789+="
@@ -198,6 +200,7 @@ def prepare_builtin(name: str, root: Path | None = None) -> Path:
         # is_main_process: under torch.distributed transformers would otherwise write on rank 0 only
         model.save_pretrained(tmp, is_main_process=True)
         (tmp / "demo_spec.json").write_text(json.dumps({**asdict(spec), "warmup": warmup}, indent=2))
+        rank_zero_info(f"Built {name}: {warmup['steps']} warm-up steps, probe accuracy {warmup['probe_accuracy']:.1%}")
         try:
             tmp.rename(target)
         except OSError:  # another process finished first: keep theirs

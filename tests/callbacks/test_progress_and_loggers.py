@@ -13,6 +13,12 @@ from gspo_lightning.callbacks.progress import StepRichProgressBar, StepTQDMProgr
 from gspo_lightning.cli import cli_main
 
 
+@pytest.fixture(autouse=True)
+def _a_terminal(monkeypatch):
+    """These tests are about the bars a terminal gets (pytest's captured output is none)."""
+    monkeypatch.setattr("gspo_lightning.callbacks.progress.interactive", lambda: True)
+
+
 class RecordBar(pl.Callback):
     """(position, total) of the training bar before every rollout batch and at the end, read from the bar."""
 

@@ -23,6 +23,12 @@ from gspo_lightning.callbacks.progress import (
 from gspo_lightning.cli import cli_main
 
 
+@pytest.fixture(autouse=True)
+def _a_terminal(monkeypatch):
+    """These tests are about the bars a terminal gets (pytest's captured output is none)."""
+    monkeypatch.setattr("gspo_lightning.callbacks.progress.interactive", lambda: True)
+
+
 def test_final_step_rounds_up_to_whole_rollout_batches_from_where_the_run_started():
     assert final_step(0, 5, None) == 5  # before the first rollout batch: max_steps as given
     assert final_step(0, 5, 2) == 6 and final_step(0, 6, 2) == 6
