@@ -17,6 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
 from peft import PeftConfig
 from typing_extensions import override
 
@@ -111,7 +112,8 @@ class GSPOModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.options = ModuleOptions(policy, loss, update, batching, moe, sharding)
-        self.save_hyperparameters(ignore=list(COMPONENTS))
+        # logged by on_fit_start without TensorBoard's placeholder hp_metric (-1 on every run)
+        self.save_hyperparameters(ignore=list(COMPONENTS), logger=False)
         for name in GROUPS:  # plain dicts, as the CLI stores them: checkpoints load without unpickling classes
             if is_dataclass(self.hparams.get(name)):
                 self.hparams[name] = asdict(self.hparams[name])
@@ -167,6 +169,9 @@ class GSPOModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.reference is not None:
             self.reference.to(self.device)
+        for logger in self.loggers:  # metrics={}: TensorBoard without its placeholder hp_metric
+            kwargs = {"metrics": {}} if isinstance(logger, TensorBoardLogger) else {}
+            logger.log_hyperparams(self.hparams, **kwargs)
 
     @override
     def configure_optimizers(self) -> Any:
@@ -207,8 +212,8 @@ class GSPOModule(pl.LightningModule):
                 " before they reach the rollout engine or a checkpoint; the checkpoints written so far are kept."
             )
         sync_start = time.perf_counter()
-        rollout_side(self.trainer).sync_weights(self.policy)
-        batch.metrics["time/weight_sync_s"] = time.perf_counter() - sync_start
+        if rollout_side(self.trainer).sync_weights(self.policy):  # engines generating with the policy copy nothing
+            batch.metrics["time/weight_sync_s"] = time.perf_counter() - sync_start
         batch.metrics["policy/skipped_steps"] = float(skipped)
         router_stats = stats.result() if stats is not None else None
         if router_stats is not None and router_stats.rollout_mismatch is not None:

@@ -10,6 +10,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from gspo_lightning.cli import cli_main
 
+pytest_plugins = ["lightning_log"]  # the lightning_log fixture
+
 REQUIRED_TAGS = [
     "rollout/reward_mean",
     "rollout/reward_std",
@@ -198,7 +200,7 @@ def test_the_policy_is_bound_once_per_run_and_synced_once_per_update(tmp_path):
     policy = id(cli.model.policy)
     assert CountingEngine.binds == [policy], "one bind per run, whoever generates first"
     assert CountingEngine.syncs == [policy] * 3, "one weight push per rollout batch, none for evaluations"
-    assert "time/weight_sync_s" in scalars(tmp_path / "lightning_logs" / "version_0")
+    assert "time/weight_sync_s" not in scalars(tmp_path / "lightning_logs" / "version_0"), "nothing is copied"
 
 
 def test_a_diverging_run_stops_clearly_and_writes_no_broken_checkpoint(tmp_path):
@@ -229,3 +231,29 @@ def test_non_finite_gradients_are_skipped_then_stop_the_run(tiny_path, rollout):
     with pytest.raises(RuntimeError, match="2 optimizer steps in a row had a non-finite gradient"):
         module.nonfinite_guard(norm, True, module.policy)
     assert len(batch) == 16
+
+
+# -- issue 22, 10: the final policy as a Hugging Face folder by default --------------------------------------
+def test_fit_leaves_the_final_policy_as_a_hugging_face_folder_by_default(tmp_path, lightning_log):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cli_main(["fit", *tiny_args(tmp_path, max_steps=2)])  # no HFExport configured
+    run = tmp_path / "lightning_logs" / "version_0"
+    folder = run / "hf_export" / "final"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    trained = {k.removeprefix("policy."): v for k, v in ckpt["state_dict"].items() if k.startswith("policy.")}
+    assert trained.keys() == model.state_dict().keys()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=0, msg=name)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.decode(tokenizer("1+2=")["input_ids"]) == "1+2="
+    said = [r.getMessage() for r in lightning_log.records if str(folder) in r.getMessage()]
+    assert len(set(said)) == 1 and "from_pretrained" in said[0]  # (a record may reach caplog twice under pytest)
+
+
+def test_the_final_hugging_face_folder_can_be_switched_off(tmp_path):
+    off = ["--trainer.callbacks+=HFExport", "--trainer.callbacks.final=false"]
+    cli_main(["fit", *tiny_args(tmp_path, *off, max_steps=2)])
+    assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").exists()
+    assert not list(tmp_path.rglob("hf_export")), "opting out writes no folder"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import logging
+import errno
+import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -14,6 +16,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 from support import ROOT, scalars, tiny_args
 
@@ -21,6 +24,7 @@ from gspo_lightning.checkpoints import PARTIAL_SUFFIX, AtomicCheckpointIO, parti
 from gspo_lightning.cli import cli_main
 from gspo_lightning.rng import rng_states
 
+pytest_plugins = ["lightning_log"]  # the lightning_log fixture
 DATA_STATE = "RolloutDataModule"
 
 
@@ -171,15 +175,6 @@ def test_resume_with_another_prompt_set_is_refused(trained, tmp_path):
     assert "\n" not in str(error.value)
 
 
-@pytest.fixture()
-def lightning_log(caplog):
-    """Lightning's log records (its logger does not propagate to the root logger caplog listens on)."""
-    logger = logging.getLogger("lightning.pytorch")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-
-
 def test_interrupted_checkpoint_write_is_cleaned_up_on_the_next_start(trained, tmp_path, lightning_log):
     folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
     folder.mkdir(parents=True)
@@ -226,3 +221,148 @@ def test_missing_checkpoint_file_is_one_line(tmp_path):
         cli_main(["fit", *tiny_args(tmp_path, max_steps=4), "--ckpt_path", str(tmp_path / "nope.ckpt")])
     message = str(exit_info.value.code)
     assert "\n" not in message and "nope.ckpt does not exist" in message
+
+
+# -- issue 22, 14: `--ckpt_path last` resumes this run, and its newest complete checkpoint -------------------
+OTHER_LR = ("--model.optimizer.init_args.lr", "0.001")  # another experiment: the demo's lr is 3e-4
+
+
+def _folder(root: Path, version: int = 0) -> Path:
+    return root / "lightning_logs" / f"version_{version}" / "checkpoints"
+
+
+def test_resume_last_takes_this_runs_checkpoint_not_a_newer_one_of_another_run(trained, tmp_path):
+    _folder(tmp_path).mkdir(parents=True)
+    shutil.copy(trained, _folder(tmp_path) / "last.ckpt")  # this run, 2 optimizer steps
+    cli_main(["fit", *tiny_args(tmp_path, *OTHER_LR, max_steps=2)])  # another experiment, newer: version_1
+    assert _last(tmp_path, 1).exists()
+    cli = cli_main(["fit", *tiny_args(tmp_path, max_steps=4), "--ckpt_path", "last"])
+    assert cli.trainer.ckpt_path == str(_folder(tmp_path) / "last.ckpt")
+    assert cli.model.optimizers().param_groups[0]["lr"] == pytest.approx(3e-4), "this run's optimizer state"
+    saved = yaml.safe_load((tmp_path / "lightning_logs" / "version_2" / "config.yaml").read_text())
+    assert saved["model"]["optimizer"]["init_args"]["lr"] == pytest.approx(3e-4), "config.yaml is what trains"
+
+
+def test_resume_last_refuses_another_runs_checkpoints_and_lists_them(trained, tmp_path):
+    _folder(tmp_path).mkdir(parents=True)
+    shutil.copy(trained, _folder(tmp_path) / "last.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", *tiny_args(tmp_path, *OTHER_LR, max_steps=4), "--ckpt_path", "last"])
+    message = str(exit_info.value.code)
+    assert "\n" not in message and f"{_folder(tmp_path) / 'last.ckpt'} (step 2," in message
+    assert "--ckpt_path PATH" in message
+    assert not (tmp_path / "lightning_logs" / "version_1").exists(), "nothing trains, no config.yaml is written"
+
+
+def test_resume_last_takes_the_newest_complete_checkpoint_when_last_is_older(tmp_path, lightning_log):
+    every_2 = [
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps=2",
+        "--trainer.callbacks.save_top_k=-1",
+    ]
+    cli_main(["fit", *tiny_args(tmp_path, *every_2, max_steps=4)])
+    folder = _folder(tmp_path)
+    newest = folder / "epoch=0-step=4.ckpt"
+    assert newest.exists()
+    shutil.copy(folder / "epoch=0-step=2.ckpt", folder / "last.ckpt")  # killed after the step save, before `last`
+    (folder / "epoch=0-step=6.ckpt").write_bytes(newest.read_bytes()[:1000])  # and a truncated one: skipped
+    cli = cli_main(["fit", *tiny_args(tmp_path, *every_2, max_steps=6), "--ckpt_path", "last"])
+    assert cli.trainer.ckpt_path == str(newest)
+    said = [r.getMessage() for r in lightning_log.records if r.getMessage().startswith("Resuming from")]
+    assert said and str(newest) in said[0] and "step 4" in said[0] and "last.ckpt" in said[0]
+    assert cli.trainer.global_step == 6 and cli.datamodule.steps == 3
+
+
+# -- issue 22, 20: a full disk during a save -----------------------------------------------------------------
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch, code, where):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1}, path)
+    full = OSError(code, os.strerror(code))
+
+    def write_then_fail(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise full
+
+    def fail(*args):
+        raise full
+
+    if where == "write":
+        monkeypatch.setattr(torch, "save", write_then_fail)
+    else:
+        monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError) as error:
+        io.save_checkpoint({"global_step": 2}, path)
+    message = str(error.value)
+    assert error.value.errno == code and "\n" not in message
+    assert str(tmp_path) in message and ("full" in message if code == errno.ENOSPC else "quota" in message)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "the partial file is removed at once"
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["global_step"] == 1, "the previous checkpoint is intact"
+
+
+# -- issue 22, 15: SIGTERM stops with a line naming the checkpoint and the resume command, exit status 143 -----
+class SigtermAtStep2(Callback):
+    """A plain `kill` of this process once the first rollout batch (2 optimizer steps) is trained."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_between_rollout_batches_exits_143_with_a_line_and_a_checkpoint(tmp_path, capsys):
+    from gspo_lightning.cli import main
+
+    args = tiny_args(tmp_path, "--trainer.callbacks+=test_resume.SigtermAtStep2", max_steps=8)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args])
+    assert exit_info.value.code == 143
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "stopped early at step 2 of 8" in line and str(_last(tmp_path)) in line
+    assert line.endswith(f"resume with: {shlex.join(['gspo-lightning', 'fit', *args, '--ckpt_path', 'last'])}")
+    saved = torch.load(_last(tmp_path), weights_only=True)
+    assert saved["global_step"] == 2 and saved[DATA_STATE]["steps"] == 1
+
+
+def test_sigterm_mid_generation_stops_within_decoding_steps_and_resumes(tmp_path):
+    """`kill` during the third rollout's generation (a slow engine: 40 decoding steps of 0.1 s): it stops a few
+    decoding steps later, discards that rollout batch, writes the checkpoint of the 2 trained ones, prints the
+    line, exits 143; the printed command resumes on the discarded batch's prompts."""
+    log, root = tmp_path / "decode_steps.log", tmp_path / "run"
+    engine = json.dumps({"class_path": "slow_engine.SlowEngine", "init_args": {"log": str(log), "slow_from": 2}})
+    long_rollouts = ("--data.sampling.max_new_tokens", "40", "--data.heldout.num_samples", "0")
+    args = tiny_args(root, "--data.engine", engine, *long_rollouts, max_steps=1000)
+    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    output = tmp_path / "run.log"
+    with output.open("w") as out:
+        running = subprocess.Popen(
+            [sys.executable, "-m", "gspo_lightning.cli", "fit", *args],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 300
+            while not (log.exists() and "2 3\n" in log.read_text()):  # rollout call 2, third forward
+                assert running.poll() is None, output.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the third rollout did not start in 300 s"
+                time.sleep(0.05)
+            running.send_signal(signal.SIGTERM)
+            code = running.wait(timeout=300)
+        finally:
+            if running.poll() is None:
+                running.kill()
+    text = output.read_text()
+    assert code == 143, text[-3000:]
+    forwards = [int(s) for c, s in (line.split() for line in log.read_text().splitlines()) if c == "2"]
+    assert max(forwards) <= 12, f"the generation ran on after the signal: {max(forwards)} of 40 forwards"
+    line = text.strip().splitlines()[-1]
+    assert "stopped early at step 4 of 1000" in line and "discarded" in line and str(_last(root)) in line
+    resume = line.split("resume with: ", 1)[1]
+    assert shlex.split(resume) == ["gspo-lightning", "fit", *args, "--ckpt_path", "last"]
+    saved = torch.load(_last(root), weights_only=True)
+    assert saved["global_step"] == 4
+    assert saved[DATA_STATE]["steps"] == 2 and saved[DATA_STATE]["cursor"] == 8, "the discarded batch is not counted"
+    cli = cli_main([*shlex.split(resume)[1:], "--trainer.max_steps", "6"])
+    assert cli.trainer.global_step == 6 and cli.datamodule.steps == 3 and cli.datamodule.cursor == 12

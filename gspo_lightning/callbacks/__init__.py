@@ -5,5 +5,6 @@ from gspo_lightning.callbacks.hf_export import HFExport
 from gspo_lightning.callbacks.moe_monitor import MoEMonitor
 from gspo_lightning.callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
 from gspo_lightning.callbacks.samples import SampleLogger
+from gspo_lightning.callbacks.stop import GracefulStop as GracefulStop  # the CLI adds it to every run
 
 __all__ = ["HFExport", "HeldOutReport", "MoEMonitor", "SampleLogger", "StepRichProgressBar", "StepTQDMProgressBar"]

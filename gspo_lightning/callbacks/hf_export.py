@@ -27,12 +27,17 @@ class HFExport(Callback):
     (``adapter_config.json`` + adapter weights, loaded with ``peft.PeftModel.from_pretrained`` on the base
     model) and, with ``merge_adapters``, also as a full model with the adapters merged in ``<name>/merged``.
 
+    ``gspo-lightning fit`` adds one with the defaults unless the configuration has an HFExport: every run ends
+    with ``<log_dir>/hf_export/final``, named in one line. Opt out with an HFExport that writes no final folder:
+    ``--trainer.callbacks+=HFExport --trainer.callbacks.final=false``.
+
     Args:
         dirpath: output folder (default: ``<log_dir>/hf_export``); each export goes to ``step_<global_step>``
-            and the final one also to ``final``.
+            and the final one to ``final``.
         every_n_steps: export every this many rollout batches as well (None: only at the end).
         safe_serialization: write safetensors.
         merge_adapters: for a ``peft`` policy, also write the merged full model (``W + s B A``).
+        final: write ``final`` when training ends (a run stopped by SIGTERM or an error writes none).
     """
 
     def __init__(
@@ -41,6 +46,7 @@ class HFExport(Callback):
         every_n_steps: int | None = None,
         safe_serialization: bool = True,
         merge_adapters: bool = False,
+        final: bool = True,
     ) -> None:
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}.")
@@ -48,6 +54,7 @@ class HFExport(Callback):
         self.every_n_steps = every_n_steps
         self.safe_serialization = safe_serialization
         self.merge_adapters = merge_adapters
+        self.final = final
         self._calls = 0
 
     def _root(self, trainer: pl.Trainer) -> Path:
@@ -89,9 +96,21 @@ class HFExport(Callback):
                 base = transformers_model(model)
                 base.save_pretrained(path / "merged", state_dict=merged, safe_serialization=self.safe_serialization)
                 trainer.datamodule.tokenizer.save_pretrained(path / "merged")
-            rank_zero_info(f"HFExport: wrote {path}")
+            rank_zero_info(self._written(path, model, name == "final"))
         trainer.strategy.barrier("hf_export")
         return path
+
+    def _written(self, path: Path, model: PreTrainedModel, final: bool) -> str:
+        """The line saying what was written where, and how to load it."""
+        if not final:
+            return f"HFExport: wrote {path}"
+        if not is_peft(model):
+            return f"Final policy saved as a Hugging Face folder: {path} (AutoModelForCausalLM.from_pretrained)"
+        merged = f"; merged into the full model: {path / 'merged'}" if self.merge_adapters else ""
+        return (
+            f"Final LoRA adapters saved as a peft folder: {path} (peft.PeftModel.from_pretrained on the base"
+            f" model){merged}"
+        )
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -101,4 +120,5 @@ class HFExport(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.export(trainer, pl_module, "final")
+        if self.final:
+            self.export(trainer, pl_module, "final")

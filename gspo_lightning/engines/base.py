@@ -128,8 +128,10 @@ class RolloutEngine(ABC):
     def generate(self, prompt_ids: list[list[int]], num_samples: int, greedy: bool = False) -> Generation:
         """Sample ``num_samples`` completions for each prompt (greedy decoding when ``greedy``)."""
 
-    def sync_weights(self, policy: nn.Module) -> None:  # noqa: B027 - engines sharing the policy need nothing
-        """Receive the updated policy weights after an optimizer step."""
+    def sync_weights(self, policy: nn.Module) -> bool:
+        """Receive the updated policy weights after an optimizer step; returns whether weights were copied (an
+        engine generating with the policy itself, as :class:`TransformersEngine` does, copies nothing)."""
+        return False
 
 
 ENGINES: Registry[RolloutEngine] = Registry("engine", RolloutEngine)

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from gspo_lightning.adapters import transformers_model
 from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine, pad_left, response_mask_until_eos
@@ -52,6 +59,22 @@ class SampledTokenLogprobs(LogitsProcessor):
         return torch.stack(self.logprobs, dim=1).cpu()
 
 
+class GenerationStopped(RuntimeError):
+    """``generate`` stopped between decoding steps because the engine's ``stop_requested`` returned True (a
+    SIGTERM, see ``gspo_lightning.callbacks.GracefulStop``); its partial rollouts were dropped, nothing trains on
+    them."""
+
+
+class _StopRequested(StoppingCriteria):
+    """Ends every sequence of a ``generate`` call once ``stop_requested()`` is True (checked after each step)."""
+
+    def __init__(self, stop_requested: Callable[[], bool]) -> None:
+        self.stop_requested = stop_requested
+
+    def __call__(self, input_ids: Tensor, scores: Tensor | None, **kwargs) -> Tensor:
+        return torch.full((input_ids.shape[0],), bool(self.stop_requested()), dtype=torch.bool, device=input_ids.device)
+
+
 @ENGINES.register
 class TransformersEngine(RolloutEngine):
     """transformers ``generate`` on the training policy itself (no copy, so no weight sync is needed).
@@ -62,7 +85,9 @@ class TransformersEngine(RolloutEngine):
     rollouts report each token's log-prob at the sampling temperature (:class:`SampledTokenLogprobs`), so
     ``model.update.old_logprobs: rollout`` and the mismatch correction work with this engine too. When routes are
     requested (:meth:`request_routes`), router hooks record the experts of every column ``generate`` runs
-    (prefill and each decode step, :class:`~gspo_lightning.moe.capture.GenerationRoutes`).
+    (prefill and each decode step, :class:`~gspo_lightning.moe.capture.GenerationRoutes`). When
+    ``stop_requested`` is set (a callable; the CLI's ``GracefulStop`` sets it to "a SIGTERM came"), it is checked
+    after every decoding step, and once it returns True ``generate`` stops and raises :class:`GenerationStopped`.
 
     Args:
         batch_size: prompts per ``generate`` call (bounds the KV-cache memory); None means all at once.
@@ -79,6 +104,7 @@ class TransformersEngine(RolloutEngine):
         self.use_cache = use_cache
         self.synced_gpus = synced_gpus
         self.policy: nn.Module | None = None
+        self.stop_requested: Callable[[], bool] | None = None
 
     def bind(self, policy: nn.Module) -> None:
         self.policy = policy
@@ -115,6 +141,8 @@ class TransformersEngine(RolloutEngine):
         chunks, logprob_chunks, route_chunks = [], [], []
         step = self.batch_size or len(prompt_ids)
         routes = None if greedy else self._route_recorder()  # greedy decoding evaluates, nothing trains on it
+        stop = self.stop_requested
+        stopping = StoppingCriteriaList([_StopRequested(stop)]) if stop is not None else None
         try:
             for start in range(0, len(prompt_ids), step):
                 recorder = SampledTokenLogprobs(s.temperature)
@@ -129,8 +157,11 @@ class TransformersEngine(RolloutEngine):
                         use_cache=self.use_cache,
                         synced_gpus=synced,
                         logits_processor=LogitsProcessorList([] if greedy else [recorder]),
+                        stopping_criteria=stopping,
                         **kwargs,
                     )
+                if stop is not None and stop():  # cut short: these sequences are not what sampling would give
+                    raise GenerationStopped("generation stopped on request; its partial rollouts were dropped")
                 chunks.append(out[:, ids.shape[1] :].cpu())
                 if routes is not None:
                     route_chunks.append(routes.result(out.shape[1]))

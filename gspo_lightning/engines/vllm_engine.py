@@ -353,11 +353,13 @@ class VLLMEngine(RolloutEngine):
         return [p for g in group for p in g], slice(start, start + len(prompt_ids))
 
     # -- weight sync ------------------------------------------------------------------------------------
-    def sync_weights(self, policy: nn.Module) -> None:
-        """Push the policy's weights on every ``sync_every``-th call (no-op before ``bind``)."""
+    def sync_weights(self, policy: nn.Module) -> bool:
+        """Push the policy's weights on every ``sync_every``-th call (no-op before ``bind``); True when pushed."""
         self.sync_calls += 1
         if self.llm is not None and self.sync_calls % self.sync_every == 0:
             self.push_weights(policy)
+            return True
+        return False
 
     def push_weights(self, policy: nn.Module) -> None:
         """Load the policy's full weights into the engine now, reset the prefix cache, time it."""

@@ -233,9 +233,10 @@ class RolloutDataModule(pl.LightningDataModule):
             )
         self.engine.bind(self._link.policy)
 
-    def sync_weights(self, policy: nn.Module) -> None:
-        """Send the updated weights to the engine (called by the module after its optimizer steps)."""
-        self.engine.sync_weights(policy)
+    def sync_weights(self, policy: nn.Module) -> bool:
+        """Send the updated weights to the engine (called by the module after its optimizer steps); returns
+        whether the engine copied any (``RolloutEngine.sync_weights``)."""
+        return bool(self.engine.sync_weights(policy))
 
     # -- training prompts ---------------------------------------------------------------------------------
     def _rank_order(self, epoch: int) -> list[EncodedPrompt]:

@@ -38,8 +38,8 @@ class RolloutSide(Protocol):
     def connect(self, link: PolicyLink) -> None:
         """Take the policy to generate with (before the first generation)."""
 
-    def sync_weights(self, policy: nn.Module) -> None:
-        """Send the updated weights to the rollout engine."""
+    def sync_weights(self, policy: nn.Module) -> bool:
+        """Send the updated weights to the rollout engine; returns whether it copied any."""
 
 
 def rollout_side(trainer: pl.Trainer) -> RolloutSide:

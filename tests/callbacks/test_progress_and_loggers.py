@@ -73,8 +73,10 @@ def test_csv_and_tensorboard_loggers_get_the_same_metric_names(tmp_path):
     cli_main(["fit", *tiny_args(tmp_path / "csv", *csv_logger, max_steps=4)])
     cli_main(["fit", *tiny_args(tmp_path / "tb", max_steps=4)])
     from_csv = _csv_metrics(tmp_path / "csv" / "lightning_logs" / "version_0")
-    # Lightning's own extras: "epoch" (a CSV column) and TensorBoard's placeholder "hp_metric"
-    from_tb = set(scalars(tmp_path / "tb" / "lightning_logs" / "version_0")) - {"epoch", "hp_metric"}
+    # Lightning's own extra "epoch" (a CSV column); no TensorBoard placeholder "hp_metric" (-1 on every run)
+    tb = set(scalars(tmp_path / "tb" / "lightning_logs" / "version_0"))
+    assert "hp_metric" not in tb
+    from_tb = tb - {"epoch"}
     assert from_csv == from_tb and "rollout/reward_mean" in from_csv and "moe/layer_0/load_imbalance" in from_csv
     # SampleLogger (in the demo config) had no text logger there: the tables went to a file
     samples = tmp_path / "csv" / "lightning_logs" / "version_0" / "samples.md"
