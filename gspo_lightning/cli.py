@@ -34,7 +34,13 @@ from gspo_lightning.checkpoints import (
     find_last_checkpoint,
     remove_interrupted_saves,
 )
-from gspo_lightning.config_checks import check_engine_installed, check_trainer_overlaps, moved_option_message
+from gspo_lightning.config_checks import (
+    check_batch_shape,
+    check_engine_installed,
+    check_trainer_overlaps,
+    moved_option_message,
+    yaml_error_message,
+)
 from gspo_lightning.registry import Registry
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -121,7 +127,7 @@ class GSPOArgumentParser(LightningArgumentParser):
 
     @override
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        hint = moved_option_message(message) or unknown_component_message(message)
+        hint = moved_option_message(message) or unknown_component_message(message) or yaml_error_message(message)
         if hint is None:
             super().error(message, ex)
         if not self.exit_on_error:
@@ -170,6 +176,7 @@ class GSPOLightningCLI(LightningCLI):
             check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
             check_engine_installed(self.config[subcommand])
             check_trainer_overlaps(self.config[subcommand])
+            check_batch_shape(self.config[subcommand])
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """The data module tokenizes with the model's tokenizer; sampling settings are given once, under data."""

@@ -3,14 +3,18 @@
 - options from before the option groups (``model.mini_batches``) name their new path (``model.update.mini_batches``);
 - a config naming ``VLLMEngine`` without vLLM installed names the install and the switch;
 - Lightning Trainer options that overlap the module's own (gradient clipping, accumulation, epochs) are refused,
-  naming the option of ours that does the job.
+  naming the option of ours that does the job;
+- a rollout batch too small for its mini-batches is refused before a model loads;
+- a ``--config`` file that is not valid YAML is named, with the line and column of the problem.
 """
 
 from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 
 _RENAMED = {
     "model.model": "model.policy.path",
@@ -97,3 +101,74 @@ def check_trainer_overlaps(config) -> None:
         if value not in (default if isinstance(default, tuple) else (default,)):
             sys.stderr.write(f"error: trainer.{name}={value}: {instead}.\n")
             sys.exit(2)
+
+
+def _world(trainer) -> int | None:
+    """Data-parallel ranks when ``trainer.devices`` and ``num_nodes`` say it plainly (an int or a list), else None."""
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    if devices in (None, "auto", -1, "-1"):  # what Lightning picks: every GPU, or the one CPU process
+        import torch
+
+        on_cpu = str(trainer.get("accelerator")) == "cpu" or not torch.cuda.is_available()
+        devices = 1 if on_cpu else torch.cuda.device_count()
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if isinstance(devices, (list, tuple)):
+        devices = len(devices)
+    return devices * int(nodes) if isinstance(devices, int) and devices > 0 else None
+
+
+def check_batch_shape(config) -> None:
+    """Exit with one line when a rank's rollout batch has fewer sequences than ``model.update.mini_batches``
+    (``prompts_per_step / ranks x num_samples``), before any model loads or evaluation runs."""
+    get = lambda c, k: c.get(k) if hasattr(c, "get") else None  # noqa: E731
+    trainer, model, data = get(config, "trainer") or {}, get(config, "model") or {}, get(config, "data") or {}
+    rollout, update = get(data, "rollout") or {}, get(model, "update") or {}
+    world = _world(trainer)
+    per_step, samples, minis = (
+        get(rollout, "prompts_per_step"),
+        get(rollout, "num_samples"),
+        get(update, "mini_batches"),
+    )
+    if world is None or not all(isinstance(v, int) for v in (per_step, samples, minis)):
+        return
+    sequences = per_step // world * samples
+    if sequences < minis:
+        sys.stderr.write(
+            f"error: a rank's rollout batch holds {sequences} sequences (data.rollout.prompts_per_step={per_step}"
+            f" over {world} rank(s) x num_samples={samples}), fewer than model.update.mini_batches={minis}: lower"
+            " model.update.mini_batches or raise data.rollout.prompts_per_step / num_samples.\n"
+        )
+        sys.exit(2)
+
+
+def config_files(argv: Sequence[str]) -> list[str]:
+    """The ``--config`` / ``-c`` files of a command line, in order."""
+    files, args = [], list(argv)
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            files.append(args[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def yaml_error_message(message: str, argv: Sequence[str] | None = None) -> str | None:
+    """One line naming the ``--config`` file behind jsonargparse's "Problems parsing config" (which names none),
+    with the YAML problem and where it is; None for other errors or when every file reads."""
+    if "Problems parsing config" not in message:
+        return None
+    import yaml
+
+    for name in config_files(sys.argv[1:] if argv is None else argv):
+        path = Path(name)
+        if not path.is_file():
+            continue
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            return f"--config {name}: not valid YAML: {problem}{where}."
+    return None

@@ -177,7 +177,13 @@ def _bounds(name: str, upper: float, lower: float | None) -> tuple[float, float]
     """``(lower, upper)`` of a weight or rejection interval; ``lower`` None means ``1 / upper``."""
     if upper <= 0:
         raise ValueError(f"{name} must be > 0, got {upper}.")
-    low = 1.0 / upper if lower is None else lower
-    if not 0 <= low <= upper:
-        raise ValueError(f"{name}_lower must be in [0, {name}={upper}], got {low}.")
-    return low, upper
+    if lower is None:
+        if upper < 1:
+            raise ValueError(
+                f"{name}={upper} is below 1: its default lower bound 1 / {name} = {1 / upper:g} would lie above it."
+                f" Use {name} >= 1 (a cap on ratios above 1), or give {name}_lower explicitly."
+            )
+        return 1.0 / upper, upper
+    if not 0 <= lower <= upper:
+        raise ValueError(f"{name}_lower must be in [0, {name}={upper}], got {lower}.")
+    return lower, upper

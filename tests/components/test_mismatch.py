@@ -139,6 +139,9 @@ def test_no_gradient_flows_through_the_weights():
         ({"mode": "clip"}, "mode"),
         ({"threshold": 0.0}, "threshold"),
         ({"threshold": 2.0, "threshold_lower": 3.0}, "threshold_lower"),
+        # a cap below 1 without a lower bound: the message is about the cap the user set, not a bound never set
+        ({"threshold": 0.5}, r"^threshold=0.5 is below 1: its default lower bound 1 / threshold = 2"),
+        ({"rejection": "token", "rejection_threshold": 0.8}, r"^rejection_threshold=0.8 is below 1"),
     ],
 )
 def test_invalid_arguments(kwargs, message):
