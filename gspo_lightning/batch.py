@@ -50,6 +50,8 @@ class RolloutBatch:
         rollout_routing_mask: (N, P+T) bool, the positions the engine reported a route for, or None.
         is_weights: (N, T) rollout/trainer mismatch importance weights pi_old / pi_rollout multiplying each
             token's loss, or None (see ``components.mismatch``).
+        engine_is_policy: the engine sampled with the trainer's own module (``RolloutEngine.generates_with_policy``):
+            the rollout/trainer log-prob gap is rounding, not logged.
     """
 
     input_ids: Tensor
@@ -74,6 +76,7 @@ class RolloutBatch:
     rollout_routing_mask: Tensor | None = None
     is_weights: Tensor | None = None
     penalised_rewards: Tensor | None = None
+    engine_is_policy: bool = False
 
     def __post_init__(self) -> None:
         n, t = self.response_mask.shape

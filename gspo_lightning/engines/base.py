@@ -76,7 +76,15 @@ class Generation:
 
 
 class RolloutEngine(ABC):
-    """Base class of rollout engines."""
+    """Base class of rollout engines.
+
+    Attributes:
+        generates_with_policy: the engine samples from the trainer's own module (its log-probs are the trainer's
+            up to kernel rounding, so there is no rollout/trainer mismatch to log); False for engines holding
+            weights of their own.
+    """
+
+    generates_with_policy = False
 
     def __init__(self) -> None:
         self.sampling = SamplingConfig()

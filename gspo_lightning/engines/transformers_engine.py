@@ -96,6 +96,8 @@ class TransformersEngine(RolloutEngine):
             with FSDP2, whose forwards are collectives); None decides from the policy.
     """
 
+    generates_with_policy = True
+
     def __init__(self, batch_size: int | None = None, use_cache: bool = True, synced_gpus: bool | None = None) -> None:
         super().__init__()
         if batch_size is not None and batch_size < 1:

@@ -187,6 +187,7 @@ class RolloutCollector:
             completions=[c for gr in groups for c in gr["completions"]],
             answers=[gr["prompt"].record.answer for gr in groups for _ in range(g)],
             prompt_index=torch.tensor([gr["prompt"].record.index for gr in groups]).repeat_interleave(g),
+            engine_is_policy=self.engine.generates_with_policy,
         )
         batch.metrics.update(rollout_metrics(batch))
         return batch

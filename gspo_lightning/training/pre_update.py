@@ -273,6 +273,8 @@ class PreUpdatePass:
         if self.mismatch_correction is not None:
             out = self.mismatch_correction(old, batch.rollout_logprobs, batch.response_mask)
             return out.weights, {k: float(v) for k, v in out.metrics.items()}
+        if batch.engine_is_policy:  # the same module sampled: its gap to the trainer's pass is kernel rounding
+            return None, {}
         gap = (old - batch.rollout_logprobs).abs()[batch.response_mask]
         if not gap.numel():
             return None, {}

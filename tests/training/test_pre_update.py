@@ -73,9 +73,11 @@ def test_kl_in_reward_keeps_raw_and_penalised_rewards_apart(tiny_path, rollout):
 
 
 def _with_engine_logprobs(module, batch, shift: float):
-    """Give the batch engine log-probs that differ from the trainer's by ``shift`` per token."""
+    """Give the batch engine log-probs that differ from the trainer's by ``shift`` per token, as an engine holding
+    weights of its own would."""
     trainer_lp, _ = no_grad_logprobs(module.policy, batch, temperature=1.0, micro_batch_size=None)
     batch.rollout_logprobs = trainer_lp - shift
+    batch.engine_is_policy = False
     return trainer_lp
 
 
@@ -103,6 +105,13 @@ def test_mismatch_is_logged_and_corrected(tiny_path, rollout):
     real = batch.is_weights[batch.response_mask]
     torch.testing.assert_close(real, torch.full_like(real, 1.2))
     assert "sampling/is_weight_mean" in batch.metrics
+
+
+def test_no_mismatch_is_logged_for_an_engine_that_generates_with_the_policy(tiny_path, rollout):
+    """The embedded engine samples from the trainer's own module: its gap is rounding, not a mismatch."""
+    assert rollout.engine_is_policy and rollout.rollout_logprobs is not None
+    batch = prepared(built_module(tiny_path, mini_batches=2), rollout)
+    assert not any(name.startswith("sampling/logprob_diff") for name in batch.metrics), batch.metrics
 
 
 def test_token_budget_passes_put_results_back_in_order(tiny_path, rollout):
