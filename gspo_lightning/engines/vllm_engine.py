@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine, SamplingConfig
-from gspo_lightning.engines.vllm_io import sampling_params_kwargs, to_generation
+from gspo_lightning.engines.vllm_io import request_seeds, sampling_params_kwargs, to_generation
 from gspo_lightning.engines.vllm_routes import (
     ROUTES_SOURCES,
     EngineRoutes,
@@ -323,10 +323,11 @@ class VLLMEngine(RolloutEngine):
         pad_id = tok.pad_token_id
         eos = tok.eos_token_id
         stop = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        params = self._sampling_params(
-            **sampling_params_kwargs(self.sampling, num_samples, greedy, stop, self._top_k_off)
-        )
-        all_prompts, mine = self._tensor_parallel_prompts(prompt_ids)
+        kwargs = sampling_params_kwargs(self.sampling, num_samples, greedy, stop, self._top_k_off)
+        requests = list(zip(prompt_ids, request_seeds(len(prompt_ids), greedy), strict=True))
+        all_requests, mine = self._tensor_parallel_prompts(requests)  # peers run the same requests, same seeds
+        all_prompts = [p for p, _ in all_requests]
+        params = [self._sampling_params(**kwargs, seed=seed) for _, seed in all_requests]
         self._wake(("weights", "kv_cache"))
         if self._routes is not None:
             self._routes.begin()
@@ -340,8 +341,8 @@ class VLLMEngine(RolloutEngine):
             generation.routes, generation.route_mask = self._routes.read(outputs[mine], prompt_ids, num_samples, width)
         return generation
 
-    def _tensor_parallel_prompts(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], slice]:
-        """Tensor-parallel peers must run the same requests: gather the group's prompts, keep our slice."""
+    def _tensor_parallel_prompts(self, prompt_ids: list[Any]) -> tuple[list[Any], slice]:
+        """Tensor-parallel peers must run the same requests: gather the group's requests, keep our slice."""
         tp = self.tensor_parallel_size
         if tp == 1:
             return prompt_ids, slice(0, len(prompt_ids))

@@ -14,8 +14,8 @@ def sampling_params_kwargs(
 ) -> dict[str, Any]:
     """``vllm.SamplingParams`` arguments, 1:1 from the run's sampling settings (greedy: temperature 0).
 
-    No per-request seed: one seed on every request would make all prompts draw the same random numbers;
-    the engine is seeded once instead. ``logprobs=0`` returns the sampled token's log-prob.
+    No seed here: sampled requests each get their own (:func:`request_seeds`). ``logprobs=0`` returns the sampled
+    token's log-prob.
     """
     kwargs: dict[str, Any] = {
         "n": num_samples,
@@ -28,6 +28,16 @@ def sampling_params_kwargs(
         return {**kwargs, "temperature": 0.0}
     top_k = sampling.top_k if sampling.top_k > 0 else top_k_off
     return {**kwargs, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": top_k}
+
+
+def request_seeds(num_prompts: int, greedy: bool) -> list[int | None]:
+    """One vLLM ``SamplingParams.seed`` per sampled request, drawn from torch's random stream: the data module
+    seeds that stream per rollout batch and rank (``gspo_lightning.rng``), so a resumed run samples what an
+    uninterrupted one would, whatever the engine generated before; a single seed on every request would make
+    all prompts draw the same numbers. Greedy requests need none."""
+    if greedy:
+        return [None] * num_prompts
+    return torch.randint(0, 2**31 - 1, (num_prompts,)).tolist()
 
 
 def flat_completions(outputs: list) -> list:

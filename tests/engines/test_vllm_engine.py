@@ -176,3 +176,17 @@ def test_engine_leaves_the_trainer_process_alone(tiny):
 def test_sleep_mode_is_refused_on_cpu():
     with pytest.raises(ValueError, match="sleep mode"):
         VLLMEngine(enable_sleep_mode=True)
+
+
+def test_sampling_follows_the_torch_stream_not_the_engines_history(tiny):
+    """Per-request seeds from the rollout's seeded stream: a resumed run samples what an uninterrupted one would,
+    whatever the engine generated before (the data module seeds the stream per rollout batch and rank)."""
+    torch.manual_seed(123)
+    first = tiny.engine.generate(PROMPTS, 4).response_ids
+    torch.manual_seed(7)
+    tiny.engine.generate(PROMPTS, 4)  # other draws in between: the engine's own generator moves on
+    torch.manual_seed(123)
+    again = tiny.engine.generate(PROMPTS, 4).response_ids
+    assert torch.equal(first, again)
+    # the samples of a prompt still differ from each other (one seed per request, not one per batch)
+    assert len({tuple(r.tolist()) for r in first[:4]}) > 1

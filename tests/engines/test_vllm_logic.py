@@ -166,7 +166,8 @@ class FakeLLM:
 
     def generate(self, prompts, params, use_tqdm=False):
         self.calls.append(("generate", len(prompts)))
-        return [SimpleNamespace(outputs=[completion(i, [5, 1], "stop") for i in range(params["n"])]) for _ in prompts]
+        self.seeds = [p.get("seed") for p in params]  # one SamplingParams per request
+        return [SimpleNamespace(outputs=[completion(i, [5, 1], "stop") for i in range(p["n"])]) for p in params]
 
     def reset_prefix_cache(self):
         self.calls.append(("reset_prefix_cache",))
@@ -365,3 +366,18 @@ def test_prefix_routes_fill_skipped_blocks():
     later_mask[:] = torch.tensor([[0, 0, 0, 0, 1]], dtype=torch.bool)
     store.fill(later, later_mask, [[1, 2, 3, 4, 6]], num_samples=1)
     assert later_mask.int().tolist() == [[0, 0, 0, 0, 1]]
+
+
+def test_each_sampled_request_gets_a_seed_from_the_torch_stream(fake_engine):
+    """The rollout's seeded stream decides vLLM's sampling (a resumed run samples what an uninterrupted one
+    would); greedy requests get none."""
+    engine, _ = fake_engine()
+    prompts = [[4, 5], [6], [7, 8, 9]]
+    torch.manual_seed(3)
+    engine.generate(prompts, 2)
+    first = engine.llm.seeds
+    torch.manual_seed(3)
+    engine.generate(prompts, 2)
+    assert engine.llm.seeds == first and len(set(first)) == 3 and all(isinstance(s, int) for s in first)
+    engine.generate(prompts, 1, greedy=True)
+    assert engine.llm.seeds == [None, None, None]
