@@ -33,6 +33,7 @@ from gspo_lightning.components.ratio import Ratio, SequenceRatio
 from gspo_lightning.moe import RouterStats, routing_context
 from gspo_lightning.rollout.evaluation import EvalResult, eval_metrics
 from gspo_lightning.rollout.link import PolicyLink, rollout_side
+from gspo_lightning.training.checkpoint_state import load_adapters_only, save_adapters_only
 from gspo_lightning.training.guard import NonFiniteGuard
 from gspo_lightning.training.metrics import MetricAccumulator, response_counts, step_metrics
 from gspo_lightning.training.optim import build_optimizers
@@ -177,6 +178,10 @@ class GSPOModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         params = trainable(self.policy.parameters())  # adapters only under peft
         return build_optimizers(params, self.optimizer_factory, self.lr_scheduler_factory)
+
+    # under peft a checkpoint holds the adapters, not the frozen base: that comes from model.policy.path on load
+    on_save_checkpoint = save_adapters_only
+    on_load_checkpoint = load_adapters_only
 
     @override
     def training_step(self, dataloader_iter: Iterator) -> dict[str, Any]:
