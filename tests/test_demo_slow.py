@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +22,30 @@ def _fit(tmp_path: Path, *extra: str) -> dict:
     return json.loads((tmp_path / "lightning_logs" / "version_0" / "heldout_report.json").read_text())
 
 
+README_TABLE = re.compile(r"^greedy +([\d.]+)% +([\d.]+)% +\+([\d.]+)\n^sampled +([\d.]+)% +([\d.]+)%", re.M)
+
+
+def readme_demo_figures() -> dict[str, float]:
+    """The demo's before/after table in README.md, as fractions."""
+    found = README_TABLE.search((ROOT / "README.md").read_text())
+    assert found, "README.md has no demo table (greedy / sampled before, after, gain)"
+    greedy_before, greedy_after, _, sampled_before, sampled_after = (float(v) / 100 for v in found.groups())
+    return {"greedy_before": greedy_before, "greedy_after": greedy_after, "sampled_before": sampled_before,
+            "sampled_after": sampled_after}  # fmt: skip
+
+
 def test_demo_gains_30_points(tmp_path):
     report = _fit(tmp_path)
     gain = report["after"]["val/accuracy"] - report["before"]["val/accuracy"]
     sampled_gain = report["after"]["val/accuracy_sampled"] - report["before"]["val/accuracy_sampled"]
     assert gain >= 0.30 and sampled_gain >= 0.30, report
+    # the README shows what a fresh clone measures. The warm-up stops at a probe accuracy whose climb CPU kernels
+    # move by tens of steps, so two machines of this project's kind started at 30.6% and 37.6%: the README's
+    # "before" must be within 10 points of this machine's, and its gain no larger than this run's + 10
+    readme = readme_demo_figures()
+    before = report["before"]["val/accuracy"]
+    assert abs(readme["greedy_before"] - before) <= 0.10, (readme, report)
+    assert readme["greedy_after"] - readme["greedy_before"] <= gain + 0.10, (readme, report)
 
 
 def test_demo_runs_with_the_grpo_preset(tmp_path):
