@@ -300,17 +300,29 @@ class SavedCheckpoint:
         return f"{self.path} (step {self.step}, {when}{unmarked})"
 
 
+DISTRIBUTED_METADATA = "meta.pt"
+"""What a sharded (distributed) checkpoint folder holds besides its shards: Lightning's ``ModelParallelStrategy``
+(FSDP2) and ``FSDPStrategy`` write the checkpoint's non-tensor part there, global step and our keys included."""
+
+
 def read_saved_checkpoint(path: Path, is_last: bool = False) -> SavedCheckpoint:
-    """What :func:`find_last_checkpoint` needs of ``path``, read without loading its tensors (memory-mapped)."""
+    """What :func:`find_last_checkpoint` needs of ``path``, read without loading its tensors (memory-mapped); a
+    sharded checkpoint folder is read from its metadata file."""
     mtime = path.stat().st_mtime
-    problem = checkpoint_problem(path)
+    if path.is_dir():
+        if not (path / DISTRIBUTED_METADATA).is_file():
+            return SavedCheckpoint(path, is_last, mtime, problem=f"a folder without {DISTRIBUTED_METADATA}")
+        path_to_read = path / DISTRIBUTED_METADATA
+    else:
+        path_to_read = path
+    problem = checkpoint_problem(path_to_read)
     if problem is not None:
         return SavedCheckpoint(path, is_last, mtime, problem=problem.split(":")[0].removeprefix("is "))
     try:
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            ckpt = torch.load(path_to_read, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # torch.save's format before zip archives cannot be memory-mapped
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path_to_read, map_location="cpu", weights_only=True)
     except Exception as error:
         return SavedCheckpoint(path, is_last, mtime, problem=f"unreadable: {type(error).__name__}")
     run = ckpt.get(RUN_KEY)
@@ -340,7 +352,7 @@ def find_last_checkpoint(trainer: pl.Trainer, fingerprint: str | None) -> tuple[
         for f in folders
         if f.is_dir()
         for p in sorted(f.glob(f"*{cb.FILE_EXTENSION}"))
-        if p.is_file()
+        if p.is_file() or (p / DISTRIBUTED_METADATA).is_file()  # a file, or a sharded checkpoint's folder (FSDP2)
     }
     where = ", ".join(label for _, _, label in searched) or "nowhere: no ModelCheckpoint callback is configured"
     if not files:

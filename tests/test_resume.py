@@ -20,7 +20,14 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 from support import ROOT, scalars, tiny_args
 
-from gspo_lightning.checkpoints import PARTIAL_SUFFIX, AtomicCheckpointIO, partial_path
+from gspo_lightning.checkpoints import (
+    DISTRIBUTED_METADATA,
+    PARTIAL_SUFFIX,
+    RUN_KEY,
+    AtomicCheckpointIO,
+    find_last_checkpoint,
+    partial_path,
+)
 from gspo_lightning.cli import cli_main
 from gspo_lightning.rng import rng_states
 
@@ -271,6 +278,26 @@ def test_resume_last_takes_the_newest_complete_checkpoint_when_last_is_older(tmp
     said = [r.getMessage() for r in lightning_log.records if r.getMessage().startswith("Resuming from")]
     assert said and str(newest) in said[0] and "step 4" in said[0] and "last.ckpt" in said[0]
     assert cli.trainer.global_step == 6 and cli.datamodule.steps == 3
+
+
+def test_resume_last_finds_a_sharded_checkpoint_folder(tmp_path):
+    """FSDP2 (ModelParallelStrategy) writes each checkpoint as a folder of shards with its metadata in meta.pt:
+    ``last`` must see it (it looked for files only and took an older file, or found nothing)."""
+    every_2 = [
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps=2",
+        "--trainer.callbacks.save_top_k=-1",
+    ]
+    cli_main(["fit", *tiny_args(tmp_path, *every_2, max_steps=4)])
+    folder = _folder(tmp_path)
+    saved = torch.load(folder / "epoch=0-step=4.ckpt", weights_only=True)
+    meta = {k: v for k, v in saved.items() if k not in ("state_dict", "optimizer_states")} | {"global_step": 8}
+    sharded = folder / "epoch=0-step=8.ckpt"
+    sharded.mkdir()
+    torch.save(meta, sharded / DISTRIBUTED_METADATA)  # the shards themselves are not read to choose
+    cli = cli_main(tiny_args(tmp_path, *every_2, max_steps=10), run=False)
+    path, line = find_last_checkpoint(cli.trainer, saved[RUN_KEY]["fingerprint"])
+    assert path == sharded and "step 8" in line
 
 
 # -- issue 22, 20: a full disk during a save -----------------------------------------------------------------
