@@ -179,8 +179,12 @@ def test_sleep_mode_is_refused_on_cpu():
 
 
 def test_sampling_follows_the_torch_stream_not_the_engines_history(tiny):
-    """Per-request seeds from the rollout's seeded stream: a resumed run samples what an uninterrupted one would,
-    whatever the engine generated before (the data module seeds the stream per rollout batch and rank)."""
+    """The rollout's seeded stream decides the samples: a resumed run samples what an uninterrupted one would,
+    whatever the engine generated before (the data module seeds the stream per rollout batch and rank).
+
+    In-process (as here) vLLM's CPU sampler also draws from torch's generator, so this held before per-request
+    seeds too; with the engine core in its own process (vLLM's default on GPUs) only the per-request seeds carry
+    the stream, and ``test_vllm_logic`` checks that every sampled request gets one."""
     torch.manual_seed(123)
     first = tiny.engine.generate(PROMPTS, 4).response_ids
     torch.manual_seed(7)
