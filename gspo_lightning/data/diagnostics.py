@@ -1,20 +1,17 @@
 """Prompt-file diagnostics: one line saying why a prompt file could not be used, and where to fix it.
 
-When ``datasets`` fails to read a file (or reads no rows, or rows whose prompts are not text),
-:class:`~gspo_lightning.data.prompts.FilePrompts` asks this module for the message: the byte and line where the
-file stops being UTF-8, the line where it stops being JSON (Lines), an empty file, or the prompt rows that are
-not strings; failing those, the first line of the reader's own error.
+When ``datasets`` fails to read a file (or reads no rows), :class:`~gspo_lightning.data.prompts.FilePrompts` asks
+this module for the message: the byte and line where the file stops being UTF-8, the line where it stops being
+JSON (Lines), or an empty file; failing those, the first line of the reader's own error. (Prompt cells that are
+neither text nor chat messages are :func:`gspo_lightning.data.rows.check_prompts`'s to report.)
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-from gspo_lightning.data.rows import is_messages
 
 
 def unreadable(path: Path, builder: str, format: str, err: BaseException) -> str:
@@ -34,31 +31,26 @@ def unreadable(path: Path, builder: str, format: str, err: BaseException) -> str
     return f"Could not read {str(path)!r} as {builder}: {problem or _reason(err)}"
 
 
+def not_utf8(path: Path) -> str | None:
+    """The message for a file that is not valid UTF-8 (where, and the fix), or None: one pass in 1 MiB blocks.
+
+    pyarrow's JSON reader keeps invalid UTF-8 in string columns; columns left in Arrow would fail only when a
+    reward reads them, so JSON files are checked when they are read.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return _utf8_problem(path)
+    return None
+
+
 def no_rows(path: Path) -> str:
     """The message for a prompt file without rows."""
     return f"Prompt file {str(path)!r} has no rows. Point path at a file with prompts."
-
-
-def check_prompts(prompts: Sequence[Any], path: Path, column: str) -> None:
-    """Refuse prompts that are neither strings nor chat messages, and empty ones, in one line each.
-
-    Raises:
-        ValueError: naming how many rows are bad, the first of them, and the fix.
-    """
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) and not is_messages(p)]
-    if bad:
-        first = prompts[bad[0]]
-        raise ValueError(
-            f"Column {column!r} of {str(path)!r} must hold strings, but {len(bad)} row(s) do not (first: row"
-            f" {bad[0]}, a {type(first).__name__}: {first!r:.80}). Fix those rows or pick another"
-            " prompt_column."
-        )
-    blank = [i for i, p in enumerate(prompts) if isinstance(p, str) and not p.strip()]
-    if blank:
-        raise ValueError(
-            f"Column {column!r} of {str(path)!r} has {len(blank)} empty prompt(s) (first: row {blank[0]})."
-            " Remove those rows."
-        )
 
 
 def _reason(err: BaseException) -> str:

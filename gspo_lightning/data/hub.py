@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gspo_lightning.data.prompts import PROMPT_SOURCES, TablePromptSource, answer_to_str
-from gspo_lightning.data.rows import Row, check_columns, check_val_size, hold_out, table_rows
+from gspo_lightning.data.prompts import PROMPT_SOURCES, TablePromptSource
+from gspo_lightning.data.rows import Row, check_columns, check_val_size, hold_out, table_rows, template_fields
 
 
 def _is_saved_to_disk(path: str) -> bool:
@@ -52,6 +52,8 @@ class DatasetPrompts(TablePromptSource):
         cache_dir: str | None = None,
     ) -> None:
         check_val_size(val_size, val_split, "val_split", "split")
+        if prompt_template is not None:
+            template_fields(prompt_template)  # brace errors now, fields once the columns are known
         self.path, self.name, self.split = path, name, split
         self.prompt_column, self.answer_column, self.prompt_template = prompt_column, answer_column, prompt_template
         self.val_split, self.val_size, self.seed, self.cache_dir = val_split, val_size, seed, cache_dir
@@ -73,9 +75,7 @@ class DatasetPrompts(TablePromptSource):
             raise ValueError(f"{where} has no rows.")
         wanted = {"prompt_column": self.prompt_column, "answer_column": self.answer_column}
         check_columns(list(ds.column_names), wanted, where)
-        rows = table_rows(ds, self.prompt_column, self.answer_column, where, self.prompt_template)
-        convert = (lambda a, i: answer_to_str(a, f"row {i} of {where}")) if self.answer_column else (lambda a, i: None)
-        return [(text, convert(a, i), messages, extras) for i, (text, a, messages, extras) in enumerate(rows)]
+        return table_rows(ds, self.prompt_column, self.answer_column, where, self.prompt_template)
 
     def _dataset(self, split: str) -> Any:
         import datasets

@@ -2,27 +2,41 @@
 
 A :class:`PromptSource` yields two lists of :class:`PromptRecord`: a train split and a held-out split.
 :class:`FilePrompts` reads local JSON / JSONL / Parquet / CSV files through the ``datasets`` library, fully
-offline (why a file cannot be read is :mod:`gspo_lightning.data.diagnostics`'s to say); the synthetic tasks live
-in :mod:`gspo_lightning.data.tasks`.
+offline and without the user's ``datasets`` cache (a temporary copy, removed once read: an edited file is
+always read again); why a file cannot be read is :mod:`gspo_lightning.data.diagnostics`'s to say. The
+synthetic tasks live in :mod:`gspo_lightning.data.tasks`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import os
+import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from gspo_lightning.data.diagnostics import check_prompts, no_rows, unreadable
-from gspo_lightning.data.rows import Row, check_columns, check_val_size, hold_out, table_rows
+from gspo_lightning.data.diagnostics import no_rows, not_utf8, unreadable
+from gspo_lightning.data.rows import (
+    Row,
+    check_columns,
+    check_val_size,
+    hold_out,
+    table_rows,
+    template_fields,
+)
+from gspo_lightning.data.rows import answer_to_str as answer_to_str  # re-exported: it was defined here
 from gspo_lightning.registry import Registry
 
 FileFormat = Literal["auto", "json", "jsonl", "parquet", "csv"]
 SUFFIX_FORMATS: dict[str, str] = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _BUILDERS: dict[str, str] = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv"}
+# The temporary Arrow copy of a prompt file is memory-mapped, and removed once read: on POSIX the mapping outlives
+# the file (the columns left in Arrow are paged in only when read); Windows cannot remove a mapped file, so there
+# the copy is read into memory.
+_IN_MEMORY = os.name == "nt"
 
 
 @dataclass(frozen=True)
@@ -35,14 +49,15 @@ class PromptRecord:
         index: position in its split (stable across runs; used to resume).
         messages: a conversation (``{"role", "content"}`` dicts) rendered with the chat template instead of
             ``text``, or None.
-        extras: the row's other columns, passed to rewards as keyword arguments.
+        extras: the row's other columns, passed to rewards as keyword arguments (from a table: a read-only
+            mapping whose values are converted from Arrow when read, :class:`~gspo_lightning.data.rows.RowExtras`).
     """
 
     text: str
     answer: str | None
     index: int
     messages: tuple[dict[str, Any], ...] | None = field(default=None, compare=False, hash=False)
-    extras: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    extras: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 class PromptSource(ABC):
@@ -92,28 +107,6 @@ class TablePromptSource(PromptSource):
         """(train, held out) drawn from the training rows."""
 
 
-def answer_to_str(value: Any, where: str) -> str | None:
-    """Convert a reference answer to text: ``57`` and ``57.0`` both give ``"57"``; ``None`` stays ``None``.
-
-    Raises:
-        ValueError: the answer is a list, dict or other non-scalar value (``where`` names the row).
-    """
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        return str(int(value)) if value.is_integer() else repr(value)
-    raise ValueError(
-        f"The answer at {where} is a {type(value).__name__} ({value!r:.80}); answers must be strings or"
-        " numbers. Flatten the column to one answer per row, or set answer_column=None."
-    )
-
-
 @contextlib.contextmanager
 def _quiet_offline_datasets() -> Iterator[Any]:
     """Import ``datasets`` with the hub switched off and progress bars hidden, restoring both afterwards."""
@@ -160,7 +153,10 @@ class FilePrompts(TablePromptSource):
         val_size: rows to hold out from ``path``: an int is a row count, a float in (0, 1) a fraction.
         seed: seed of the deterministic train / held-out split.
         format: file format; "auto" reads it from the extension.
-        cache_dir: where ``datasets`` keeps its Arrow cache; ``None`` uses its default.
+        cache_dir: the folder of the temporary Arrow copy ``datasets`` makes while reading (removed once read; the
+            user's ``datasets`` cache is never written); ``None``: the system's temporary folder.
+        prompt_template: a ``str.format`` template over the row's columns that makes the prompt text, e.g.
+            ``"{question}\\nPut the final answer in \\\\boxed{{}}."``; None uses the prompt column as it is.
     """
 
     def __init__(
@@ -173,8 +169,11 @@ class FilePrompts(TablePromptSource):
         seed: int = 0,
         format: FileFormat = "auto",
         cache_dir: str | None = None,
+        prompt_template: str | None = None,
     ) -> None:
         check_val_size(val_size, val_path, "val_path", "path")
+        if prompt_template is not None:
+            template_fields(prompt_template)  # brace errors now, fields once the columns are known
         self.path = Path(path).expanduser()
         self.val_path = Path(val_path).expanduser() if val_path is not None else None
         self.prompt_column = prompt_column
@@ -183,6 +182,7 @@ class FilePrompts(TablePromptSource):
         self.seed = seed
         self.format = format
         self.cache_dir = cache_dir
+        self.prompt_template = prompt_template
         resolve_format(self.path, format)  # fail early on an unknown extension
         if self.val_path is not None:
             resolve_format(self.val_path, format)
@@ -197,38 +197,39 @@ class FilePrompts(TablePromptSource):
         fix = "Lower val_size or pass a separate val_path."
         return hold_out(rows, self.val_size, self.seed, repr(str(self.path)), fix)
 
-    def _read(self, path: Path) -> list[tuple[str, str | None]]:
+    def _read(self, path: Path) -> list[Row]:
         if not path.is_file():
             what = "is a directory, not a file" if path.is_dir() else "does not exist"
             raise FileNotFoundError(f"Prompt file {str(path)!r} {what}. Check the path (relative to {Path.cwd()}).")
         builder = resolve_format(path, self.format)
         if path.stat().st_size == 0:
             raise ValueError(no_rows(path))
-        with _quiet_offline_datasets() as datasets:
+        problem = not_utf8(path) if builder == "json" else None  # pyarrow's JSON reader would keep it
+        if problem is not None:
+            raise ValueError(problem)
+        scratch = Path(self.cache_dir).expanduser() if self.cache_dir is not None else None
+        if scratch is not None:
+            scratch.mkdir(parents=True, exist_ok=True)
+        with (
+            tempfile.TemporaryDirectory(prefix="gspo-prompts-", dir=scratch, ignore_cleanup_errors=True) as copy,
+            _quiet_offline_datasets() as datasets,
+        ):
             try:
                 ds = datasets.load_dataset(
-                    builder, data_files=str(path.resolve()), split="train", cache_dir=self.cache_dir
+                    builder, data_files=str(path.resolve()), split="train", cache_dir=copy, keep_in_memory=_IN_MEMORY
                 )
             except Exception as err:  # datasets raises many types (ArrowInvalid, DatasetGenerationError, ...)
                 if "corresponds to no data" in str(err):  # e.g. a CSV with only a header
                     raise ValueError(no_rows(path)) from err
                 raise ValueError(unreadable(path, builder, self.format, err)) from err
-        if len(ds) == 0:
-            raise ValueError(no_rows(path))
-        wanted = {"prompt_column": self.prompt_column, "answer_column": self.answer_column}
-        check_columns(list(ds.column_names), wanted, repr(str(path)))
-        try:  # pyarrow's JSON reader keeps invalid UTF-8, which fails only here
-            prompts = ds.data.column(self.prompt_column).to_pylist()
-            rows = table_rows(ds, self.prompt_column, self.answer_column, repr(str(path))) if prompts else []
-        except UnicodeDecodeError as err:
-            raise ValueError(unreadable(path, builder, self.format, err)) from err
-        except ValueError:
-            check_prompts(prompts, path, self.prompt_column)  # the established one-line messages first
-            raise
-        return [
-            (text, answer_to_str(a, f"row {i} of {str(path)!r}") if self.answer_column else None, messages, extras)
-            for i, (text, a, messages, extras) in enumerate(rows)
-        ]
+            if len(ds) == 0:
+                raise ValueError(no_rows(path))
+            wanted = {"prompt_column": self.prompt_column, "answer_column": self.answer_column}
+            check_columns(list(ds.column_names), wanted, repr(str(path)))
+            try:
+                return table_rows(ds, self.prompt_column, self.answer_column, repr(str(path)), self.prompt_template)
+            except UnicodeDecodeError as err:
+                raise ValueError(unreadable(path, builder, self.format, err)) from err
 
 
 def _to_records(rows: list[Row]) -> list[PromptRecord]:

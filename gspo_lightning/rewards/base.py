@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numbers
 from abc import ABC
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +140,20 @@ class Reward(ABC):  # noqa: B024 (either of two methods may be implemented)
         state.pop("_worker", None)
         return state
 
+    def check_columns(self, columns: list[str], where: str) -> None:
+        """Refuse, at set-up, a reward that needs a prompt column ``columns`` lacks (``where``: which prompts).
+
+        ``columns`` are the prompt rows' extra columns (``RewardInputs.extras``). The default checks the members of
+        a composite reward (a ``rewards`` list, as :class:`~gspo_lightning.rewards.combine.WeightedReward` has);
+        :class:`~gspo_lightning.rewards.function.FunctionReward` checks its function's arguments.
+
+        Raises:
+            ValueError: in one line naming the reward, what it needs and the columns there are.
+        """
+        for member in getattr(self, "rewards", ()):
+            if isinstance(member, Reward):
+                member.check_columns(columns, where)
+
     def score(self, inputs: RewardInputs) -> Tensor:
         """(N,) float32 scores; the default calls :meth:`score_sample` on each sample."""
         if type(self).score_sample is Reward.score_sample:
@@ -230,6 +245,22 @@ class Reward(ABC):  # noqa: B024 (either of two methods may be implemented)
                 f"(completion {excerpt(inputs.completions[i])}); {bad.numel()} of {n} scores are NaN/inf."
             )
         return out
+
+
+def check_reward_columns(rewards: Iterable[Reward], extras: Iterable[Mapping[str, Any]], where: str) -> None:
+    """Check ``rewards`` against the extra columns of the prompts they will score, before the first rollout.
+
+    Args:
+        rewards: the rewards (each checked with :meth:`Reward.check_columns`).
+        extras: each prompt's extra columns (``PromptRecord.extras``); their union is what rewards may receive.
+        where: which prompts, for the message (e.g. ``"the training prompts"``).
+
+    Raises:
+        ValueError: a reward needs a column none of the prompts has.
+    """
+    columns = list(dict.fromkeys(name for row in extras for name in row))
+    for reward in rewards:
+        reward.check_columns(columns, where)
 
 
 REWARDS: Registry[Reward] = Registry("reward", Reward)

@@ -23,6 +23,24 @@ def _accepted_kwargs(fn: Callable[..., Any]) -> tuple[frozenset[str], bool]:
     return frozenset(names), any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+def _signature_problem(fn: Callable[..., Any], available: list[str]) -> tuple[str, str | None] | None:
+    """What in ``fn``'s signature a call ``fn(prompts, completions, answers, **available)`` cannot satisfy:
+    ("three lists", None) or ("argument", its name); None when the call binds (or there is no signature)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        bound = signature.bind_partial(None, None, None)
+    except TypeError:
+        return "three lists", None
+    for p in signature.parameters.values():
+        needed = p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty
+        if needed and p.name not in bound.arguments and p.name not in available:
+            return "argument", p.name
+    return None
+
+
 @REWARDS.register
 class FunctionReward(Reward):
     """A plain batched function as a reward: ``fn(prompts, completions, answers, **kwargs) -> scores``.
@@ -58,6 +76,35 @@ class FunctionReward(Reward):
         super().__init__(name or (fn_name if fn_name.isidentifier() else None), timeout_s)
         self.fn = fn
         self._kwargs = _accepted_kwargs(fn)
+
+    def check_columns(self, columns: list[str], where: str) -> None:
+        """Refuse a function whose arguments the prompt columns cannot fill: an argument without a default that
+        names no column (nor ``response_lengths``, ``truncated``, ``max_new_tokens``), or a signature that cannot
+        take the three lists. Extra columns ``fn`` does not take are not passed (all of them with ``**kwargs``).
+
+        Raises:
+            ValueError: in one line naming the function, the argument and the columns there are.
+        """
+        problem = _signature_problem(self.fn, [*EXTRA_KWARGS, *columns])
+        if problem is None:
+            return
+        what, name = problem
+        fn = getattr(self.fn, "__qualname__", None) or repr(self.fn)
+        try:
+            signature = f"{fn}{inspect.signature(self.fn)}"
+        except (TypeError, ValueError):  # pragma: no cover (a problem needs a signature)
+            signature = fn
+        if what == "three lists":
+            raise ValueError(
+                f"FunctionReward {self.name!r} calls {fn}(prompts, completions, answers, **columns), but {signature}"
+                " does not take three lists first: give it three positional parameters."
+            )
+        raise ValueError(
+            f"FunctionReward {self.name!r} ({signature}) needs the argument {name!r}, but no column of {where} has"
+            f" that name; their extra columns are {columns} (the prompt and answer columns arrive as prompts and"
+            f" answers; also available: {', '.join(EXTRA_KWARGS)}). Rename the argument to a column, give it a"
+            " default, or add the column to the prompts."
+        )
 
     def score(self, inputs: RewardInputs) -> Tensor | Sequence[float]:
         """``fn``'s scores as it returned them (a generator drained to a list); the caller validates them."""

@@ -155,6 +155,11 @@ class RolloutDataModule(pl.LightningDataModule):
         val = self._encode(self.source.validation()[: self.heldout.size], "held-out")
         # every rank gets the same number of held-out prompts: sharded forwards and metric syncs are collectives
         self._val = val[: len(val) // world * world][rank::world]
+        from gspo_lightning.rewards.base import check_reward_columns  # a reward argument no column fills: now
+
+        check_reward_columns(self.rewards, (p.record.extras for p in self._train), "the training prompts")
+        if val:
+            check_reward_columns([self.accuracy_reward], (p.record.extras for p in val), "the held-out prompts")
         self.engine.configure(self.sampling, self.tokenizer)
         self.collector = RolloutCollector(
             engine=self.engine,
