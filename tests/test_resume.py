@@ -260,19 +260,21 @@ def test_resume_last_refuses_another_runs_checkpoints_and_lists_them(trained, tm
     assert not (tmp_path / "lightning_logs" / "version_1").exists(), "nothing trains, no config.yaml is written"
 
 
+EVERY_2 = (
+    "--trainer.callbacks+=ModelCheckpoint",
+    "--trainer.callbacks.every_n_train_steps=2",
+    "--trainer.callbacks.save_top_k=-1",
+)  # a checkpoint after every rollout batch, all kept
+
+
 def test_resume_last_takes_the_newest_complete_checkpoint_when_last_is_older(tmp_path, lightning_log):
-    every_2 = [
-        "--trainer.callbacks+=ModelCheckpoint",
-        "--trainer.callbacks.every_n_train_steps=2",
-        "--trainer.callbacks.save_top_k=-1",
-    ]
-    cli_main(["fit", *tiny_args(tmp_path, *every_2, max_steps=4)])
+    cli_main(["fit", *tiny_args(tmp_path, *EVERY_2, max_steps=4)])
     folder = _folder(tmp_path)
     newest = folder / "epoch=0-step=4.ckpt"
     assert newest.exists()
     shutil.copy(folder / "epoch=0-step=2.ckpt", folder / "last.ckpt")  # killed after the step save, before `last`
     (folder / "epoch=0-step=6.ckpt").write_bytes(newest.read_bytes()[:1000])  # and a truncated one: skipped
-    cli = cli_main(["fit", *tiny_args(tmp_path, *every_2, max_steps=6), "--ckpt_path", "last"])
+    cli = cli_main(["fit", *tiny_args(tmp_path, *EVERY_2, max_steps=6), "--ckpt_path", "last"])
     assert cli.trainer.ckpt_path == str(newest)
     said = [r.getMessage() for r in lightning_log.records if r.getMessage().startswith("Resuming from")]
     assert said and str(newest) in said[0] and "step 4" in said[0] and "last.ckpt" in said[0]
@@ -282,19 +284,14 @@ def test_resume_last_takes_the_newest_complete_checkpoint_when_last_is_older(tmp
 def test_resume_last_finds_a_sharded_checkpoint_folder(tmp_path):
     """FSDP2 (ModelParallelStrategy) writes each checkpoint as a folder of shards with its metadata in meta.pt:
     ``last`` must see it (it looked for files only and took an older file, or found nothing)."""
-    every_2 = [
-        "--trainer.callbacks+=ModelCheckpoint",
-        "--trainer.callbacks.every_n_train_steps=2",
-        "--trainer.callbacks.save_top_k=-1",
-    ]
-    cli_main(["fit", *tiny_args(tmp_path, *every_2, max_steps=4)])
+    cli_main(["fit", *tiny_args(tmp_path, *EVERY_2, max_steps=4)])
     folder = _folder(tmp_path)
     saved = torch.load(folder / "epoch=0-step=4.ckpt", weights_only=True)
     meta = {k: v for k, v in saved.items() if k not in ("state_dict", "optimizer_states")} | {"global_step": 8}
     sharded = folder / "epoch=0-step=8.ckpt"
     sharded.mkdir()
     torch.save(meta, sharded / DISTRIBUTED_METADATA)  # the shards themselves are not read to choose
-    cli = cli_main(tiny_args(tmp_path, *every_2, max_steps=10), run=False)
+    cli = cli_main(tiny_args(tmp_path, *EVERY_2, max_steps=10), run=False)
     path, line = find_last_checkpoint(cli.trainer, saved[RUN_KEY]["fingerprint"])
     assert path == sharded and "step 8" in line
 
