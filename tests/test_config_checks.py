@@ -1,5 +1,7 @@
 """Checks of the parsed configuration before anything is built: Trainer options that overlap the module's own."""
 
+import sys
+
 import pytest
 
 from gspo_lightning.cli import DEMO_CONFIG, cli_main, main
@@ -53,9 +55,10 @@ def test_a_rollout_batch_too_small_for_its_mini_batches_is_refused_before_a_mode
     ("text", "where"),
     [("model:\n  policy: {path: x\n  bad: [1, 2\n", "line 3, column 6"), ("model:\n\tpolicy: 1\n", "line 2, column 1")],
 )
-def test_a_config_file_that_is_not_yaml_is_named_with_the_place(tmp_path, capsys, text, where):
+def test_a_config_file_that_is_not_yaml_is_named_with_the_place(tmp_path, capsys, monkeypatch, text, where):
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
+    monkeypatch.setattr(sys, "argv", ["gspo-lightning"])  # main() rewrites sys.argv: restored after the test
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(DEMO_CONFIG), "--config", str(bad)])
     assert exit_info.value.code == 2
