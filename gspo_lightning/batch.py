@@ -48,8 +48,10 @@ class RolloutBatch:
         routing_mask: (N, P+T) bool, the positions ``routing`` covers (others route naturally), or None: all.
         rollout_routing: (N, L, P+T, k) the experts the rollout engine chose (``Generation.routes``), or None.
         rollout_routing_mask: (N, P+T) bool, the positions the engine reported a route for, or None.
-        is_weights: (N, T) rollout/trainer mismatch importance weights pi_old / pi_rollout multiplying each
-            token's loss, or None (see ``components.mismatch``).
+        is_weights: (N, T) detached weights multiplying each token's policy loss, set before the update: the
+            rollout/trainer mismatch importance weights pi_old / pi_rollout (``components.mismatch``) times the
+            pre-update token masks' (``components.masks``), or None.
+        token_kl_coef: (N, T) the pre-update token masks' coefficients of a ``|lp - old|`` penalty (KL-Cov), or None.
         engine_is_policy: the engine sampled with the trainer's own module (``RolloutEngine.generates_with_policy``):
             the rollout/trainer log-prob gap is rounding, not logged.
     """
@@ -75,6 +77,7 @@ class RolloutBatch:
     rollout_routing: Tensor | None = None
     rollout_routing_mask: Tensor | None = None
     is_weights: Tensor | None = None
+    token_kl_coef: Tensor | None = None
     penalised_rewards: Tensor | None = None
     engine_is_policy: bool = False
 

@@ -24,9 +24,9 @@ from typing_extensions import override
 from gspo_lightning.adapters import trainable
 from gspo_lightning.batch import RolloutBatch
 from gspo_lightning.components.advantage import Advantage, GroupNormAdvantage
-from gspo_lightning.components.aggregation import AggregationMode
 from gspo_lightning.components.clip import Clip, PPOClip
 from gspo_lightning.components.kl import K3KL, KL
+from gspo_lightning.components.masks import TokenMask
 from gspo_lightning.components.mismatch import MismatchCorrection
 from gspo_lightning.components.objective import PolicyObjective
 from gspo_lightning.components.ratio import Ratio, SequenceRatio
@@ -55,7 +55,9 @@ from gspo_lightning.training.splits import micro_batches, mini_batch_indices
 from gspo_lightning.training.strategy import StrategyAdapter
 from gspo_lightning.training.update import PolicyLoss
 
-COMPONENTS = ("ratio", "advantage", "clip", "kl", "mismatch_correction", "optimizer", "lr_scheduler", "peft")
+COMPONENTS = (
+    "ratio", "advantage", "clip", "kl", "token_masks", "mismatch_correction", "optimizer", "lr_scheduler", "peft",
+)  # fmt: skip
 """The module's component arguments (flat; the option groups are ``training.options.GROUPS``)."""
 
 
@@ -80,9 +82,10 @@ class GSPOModule(pl.LightningModule):
         advantage: the advantage estimator (default ``GroupNormAdvantage``).
         clip: the clip (default ``PPOClip(3e-4, 4e-4)``, the GSPO paper's).
         kl: the KL estimator (default ``K3KL()`` when ``loss.kl_coef > 0``).
-        aggregation: how per-token losses become a scalar (docs/algorithms.md, "Loss aggregation").
+        token_masks: per-token weights on the policy loss: off-policy sequence masks, forking tokens, Clip-Cov and
+            KL-Cov (``components.masks``); they compose with every objective and the mismatch correction.
         mismatch_correction: rollout/trainer importance weights on each token's loss (``MismatchCorrection``).
-        loss: KL and entropy weights, and the sampling constants the log-probs follow.
+        loss: the aggregation, KL and entropy weights, and the sampling constants the log-probs follow.
         update: optimizer steps per rollout batch, pi_old's source, gradient clipping, non-finite guard.
         batching: micro-batches, token budgets, the chunked head, padding-free packing.
         moe: Routing Replay (R2, R3), routing metrics, the load-balancing loss.
@@ -100,7 +103,7 @@ class GSPOModule(pl.LightningModule):
         advantage: Advantage | None = None,
         clip: Clip | None = None,
         kl: KL | None = None,
-        aggregation: AggregationMode = "seq-mean-token-mean",
+        token_masks: list[TokenMask] | None = None,
         mismatch_correction: MismatchCorrection | None = None,
         loss: LossOptions = LossOptions(),  # noqa: B008
         update: UpdateOptions = UpdateOptions(),  # noqa: B008
@@ -118,15 +121,20 @@ class GSPOModule(pl.LightningModule):
         for name in GROUPS:  # plain dicts, as the CLI stores them: checkpoints load without unpickling classes
             if is_dataclass(self.hparams.get(name)):
                 self.hparams[name] = asdict(self.hparams[name])
-        check_aggregation(aggregation, loss)
+        check_aggregation(loss)
         self.peft_config = peft
         self.automatic_optimization = False
         self.advantage = advantage or GroupNormAdvantage()
         kl = K3KL() if kl is None and loss.kl_coef > 0 else kl
         ratio, clip = ratio or SequenceRatio(), clip or PPOClip(3e-4, 4e-4)
-        self.objective = PolicyObjective(ratio, clip, kl, loss.loss_kl_coef, aggregation, max_len=loss.max_new_tokens)
+        masks = list(token_masks or ())
+        in_update = [m for m in masks if m.stage == "update"]
+        self.objective = PolicyObjective(
+            ratio, clip, kl, loss.loss_kl_coef, loss.aggregation, loss.max_new_tokens, in_update
+        )  # fmt: skip
         self.policy_loss = PolicyLoss(self.objective, loss, batching, moe.router_aux_loss_coef)
-        self.pre_update = PreUpdatePass(self.advantage, update, batching, loss, moe, kl, mismatch_correction)
+        before = [m for m in masks if m.stage == "pre_update"]
+        self.pre_update = PreUpdatePass(self.advantage, update, batching, loss, moe, kl, mismatch_correction, before)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.policy: torch.nn.Module | None = None
         self.routing = None  # the policy's RoutingController (MoE models), set in configure_model

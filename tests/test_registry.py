@@ -4,7 +4,18 @@ import pytest
 import torch
 from support import make_batch
 
-from gspo_lightning import ADVANTAGES, CLIPS, COMPONENT_REGISTRIES, KLS, RATIOS, Ratio, Registry, TokenRatio
+from gspo_lightning import (
+    ADVANTAGES,
+    CLIPS,
+    COMPONENT_REGISTRIES,
+    KLS,
+    MASKS,
+    RATIOS,
+    MaskInputs,
+    Ratio,
+    Registry,
+    TokenRatio,
+)
 
 
 def test_keys_are_class_names():
@@ -77,7 +88,7 @@ def test_every_advantage(name):
 @pytest.mark.parametrize("name", CLIPS.names())
 def test_every_clip(name):
     log_ratio = _leaf(LP - OLD)
-    out = CLIPS.build(name)(log_ratio, torch.linspace(-1, 1, N))
+    out = CLIPS.build(name)(log_ratio, torch.linspace(-1, 1, N), MASK)
     assert out.loss.shape == (N, T) and torch.isfinite(out.loss).all()
     assert out.clipped_low.dtype == torch.bool and out.clipped_high.shape == (N, T)
     out.loss.sum().backward()
@@ -91,3 +102,23 @@ def test_every_kl(name):
     assert out.shape == (N, T) and torch.isfinite(out).all()
     out.sum().backward()
     assert torch.isfinite(lp.grad).all()
+
+
+REQUIRED = {"OffPolicySequenceMask": {"delta": 0.01}}  # arguments without a default
+
+
+@pytest.mark.parametrize("name", MASKS.names())
+def test_every_token_mask(name):
+    lp = _leaf(LP)
+    adv = torch.linspace(-1, 1, N)[:, None].expand(N, T).masked_fill(~MASK, 0.0)
+    entropy = torch.rand(N, T, generator=torch.Generator().manual_seed(1)).masked_fill(~MASK, 0.0)
+    inputs = MaskInputs(lp, OLD, adv, MASK, rollout_logprobs=OLD - 0.05, entropy=entropy, response_ids=MASK.long())
+    out = MASKS.build(name, **REQUIRED.get(name, {}))(inputs)
+    assert out.weights.shape == (N, T) and torch.isfinite(out.weights).all() and not out.weights.requires_grad
+    assert (out.weights[~MASK] == 0).all() and ((out.weights >= 0) & (out.weights <= 1)).all()
+    for extra in (out.kl_coef, out.penalty):
+        assert extra is None or (extra.shape == (N, T) and torch.isfinite(extra).all())
+    if out.penalty is not None:
+        out.penalty.sum().backward()
+        assert torch.isfinite(lp.grad).all()
+    assert all(k.startswith("policy/") for k in out.metrics)

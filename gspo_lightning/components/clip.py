@@ -59,11 +59,17 @@ class Clip(nn.Module, ABC):
     """Base class: turn a per-token log ratio and advantages into a per-token loss."""
 
     @abstractmethod
-    def forward(self, log_ratio: Tensor, advantages: Tensor) -> ClipOutput:
-        """Args: log_ratio (N, T); advantages (N,) or (N, T)."""
+    def forward(self, log_ratio: Tensor, advantages: Tensor, response_mask: Tensor | None = None) -> ClipOutput:
+        """Args: log_ratio (N, T); advantages (N,) or (N, T); response_mask (N, T) bool, for surrogates that
+        reduce over a sequence (GMPO); None means every position is real."""
 
 
 CLIPS: Registry[Clip] = Registry("clip", Clip)
+
+
+def no_clipping(like: Tensor) -> Tensor:
+    """An all-False (N, T) flag: no bound acted."""
+    return torch.zeros_like(like, dtype=torch.bool)
 
 
 @CLIPS.register
@@ -87,7 +93,7 @@ class PPOClip(Clip):
         self.eps_low = eps_low
         self.eps_high = eps_high
 
-    def forward(self, log_ratio: Tensor, advantages: Tensor) -> ClipOutput:
+    def forward(self, log_ratio: Tensor, advantages: Tensor, response_mask: Tensor | None = None) -> ClipOutput:
         ratio = safe_exp_ratio(log_ratio)
         adv = broadcast_advantages(advantages, ratio)
         unclipped = -adv * ratio
@@ -119,8 +125,8 @@ class DualClip(PPOClip):
             raise ValueError(f"DualClip needs c > 1, got {c}.")
         self.c = c
 
-    def forward(self, log_ratio: Tensor, advantages: Tensor) -> ClipOutput:
-        out = super().forward(log_ratio, advantages)
+    def forward(self, log_ratio: Tensor, advantages: Tensor, response_mask: Tensor | None = None) -> ClipOutput:
+        out = super().forward(log_ratio, advantages, response_mask)
         adv = broadcast_advantages(advantages, out.ratio)
         cap = -self.c * adv
         capped = (adv < 0) & (out.loss > cap)
@@ -133,8 +139,9 @@ class DualClip(PPOClip):
 class NoClip(Clip):
     """No clipping: the importance-weighted policy gradient loss -r A."""
 
-    def forward(self, log_ratio: Tensor, advantages: Tensor) -> ClipOutput:
+    def forward(self, log_ratio: Tensor, advantages: Tensor, response_mask: Tensor | None = None) -> ClipOutput:
         ratio = safe_exp_ratio(log_ratio)
         adv = broadcast_advantages(advantages, ratio)
-        none = torch.zeros_like(ratio, dtype=torch.bool)
-        return ClipOutput(loss=-adv * ratio, ratio=ratio, clipped_low=none, clipped_high=none.clone())
+        return ClipOutput(
+            loss=-adv * ratio, ratio=ratio, clipped_low=no_clipping(ratio), clipped_high=no_clipping(ratio)
+        )

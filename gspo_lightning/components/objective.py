@@ -1,12 +1,14 @@
-"""`PolicyObjective`: the composition ratio -> clip -> aggregation (+ beta * KL).
+"""`PolicyObjective`: the composition ratio -> clip -> token masks -> aggregation (+ beta * KL).
 
-``loss = agg(clip(exp(ratio(lp, old, m)), A)) + kl_coef * agg(kl(lp, ref))``
+``loss = agg(w * (clip(exp(ratio(lp, old, m)), A) + c |lp - old|)) + kl_coef * agg(kl(lp, ref))``, with ``w``
+the product of the token masks' and the mismatch correction's weights and ``c`` the masks' penalty coefficients
 (``docs/algorithms.md#how-the-pieces-meet``). Padding log-probs are replaced by 0 before any component sees
 them, so -inf or NaN at padding never reaches the loss or its gradient.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass, field
 
@@ -21,6 +23,7 @@ from gspo_lightning.components.aggregation import (
 )
 from gspo_lightning.components.clip import Clip
 from gspo_lightning.components.kl import K1KL, KL
+from gspo_lightning.components.masks import MaskInputs, TokenMask, add_optional, combine
 from gspo_lightning.components.ratio import Ratio
 from gspo_lightning.ops import masked_fill_padding, seq_lengths
 
@@ -48,6 +51,9 @@ class PolicyObjective(nn.Module):
         kl_coef: beta, weight of the KL term in the loss. 0 means no KL term (and no reference model).
         aggregation: how per-token losses become a scalar (see ``aggregation``).
         max_len: ``T_max`` for ``seq-mean-token-sum-norm`` (the generation limit).
+        masks: token masks of the ``update`` stage, computed here per micro-batch from the current policy
+            (``components.masks``); ``pre_update`` masks reach :meth:`forward` as ``token_weights`` and
+            ``token_kl_coef``.
     """
 
     def __init__(
@@ -58,9 +64,16 @@ class PolicyObjective(nn.Module):
         kl_coef: float = 0.0,
         aggregation: AggregationMode = "token-mean",
         max_len: int | None = None,
+        masks: list[TokenMask] | None = None,
     ) -> None:
         super().__init__()
         check_mode(aggregation)
+        masks = list(masks or [])
+        misplaced = [type(m).__name__ for m in masks if m.stage != "update"]
+        if misplaced:
+            raise ValueError(
+                f"{', '.join(misplaced)} run before the update (stage pre_update): pass them to the module."
+            )
         if kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}.")
         if kl_coef > 0 and kl is None:
@@ -77,6 +90,9 @@ class PolicyObjective(nn.Module):
         self.kl_coef = kl_coef
         self.aggregation = aggregation
         self.max_len = max_len
+        self.masks = nn.ModuleList(masks)
+        # a user's clip written before clips took the mask (forward(log_ratio, advantages)) keeps working
+        self._clip_takes_mask = "response_mask" in inspect.signature(clip.forward).parameters
 
     @property
     def uses_kl(self) -> bool:
@@ -91,6 +107,8 @@ class PolicyObjective(nn.Module):
         ref_logprobs: Tensor | None = None,
         counts: LossCounts | None = None,
         token_weights: Tensor | None = None,
+        rollout_logprobs: Tensor | None = None,
+        token_kl_coef: Tensor | None = None,
     ) -> ObjectiveOutput:
         """Compute the loss of one (micro-)batch.
 
@@ -102,7 +120,10 @@ class PolicyObjective(nn.Module):
             ref_logprobs: (N, T) log pi_ref; needed when ``kl_coef > 0``.
             counts: global denominators when this is one part of a larger batch (see ``aggregate``).
             token_weights: (N, T) detached weights multiplying each token's policy loss before aggregation
-                (rollout/trainer mismatch importance sampling, ``components.mismatch``).
+                (rollout/trainer mismatch importance sampling, ``components.mismatch``, and the pre-update token
+                masks).
+            rollout_logprobs: (N, T) the engine's log-probs, for update-stage masks that read the behaviour policy.
+            token_kl_coef: (N, T) detached coefficients ``c`` of a ``c |lp - old|`` penalty (KL-Cov), or None.
         """
         mask = response_mask.bool()
         lp = masked_fill_padding(logprobs, mask)
@@ -110,11 +131,24 @@ class PolicyObjective(nn.Module):
         if advantages.dim() == 2:
             advantages = masked_fill_padding(advantages, mask)
         log_ratio = self.ratio(lp, old, mask)
-        out = self.clip(log_ratio, advantages)
-        per_token = out.loss if token_weights is None else out.loss * token_weights.detach()
+        out = self.clip(log_ratio, advantages, mask) if self._clip_takes_mask else self.clip(log_ratio, advantages)
+        per_token, metrics = out.loss, self._clip_metrics(out.ratio, out.clipped_low, out.clipped_high, mask)
+        masked = self._masks(lp, old, advantages, mask, rollout_logprobs)
+        if masked is not None:
+            metrics.update(masked.metrics)
+            token_weights = masked.weights if token_weights is None else token_weights.detach() * masked.weights
+            token_kl_coef = add_optional(token_kl_coef, masked.kl_coef)
+        if token_kl_coef is not None:
+            penalty = token_kl_coef.detach() * (lp - old).abs()
+            per_token = per_token + masked_fill_padding(penalty, mask)
+            metrics["policy/token_kl_penalty"] = masked_metric_mean(penalty, mask)
+        if token_weights is not None:
+            per_token = per_token * token_weights.detach()
+            metrics["policy/masked_frac"] = masked_metric_mean((token_weights.detach() == 0).float(), mask)
+        if masked is not None and masked.penalty is not None:
+            per_token = per_token + masked_fill_padding(masked.penalty, mask)
         pg_loss = aggregate(per_token, mask, self.aggregation, counts, self.max_len)
         loss = pg_loss
-        metrics = self._clip_metrics(out.ratio, out.clipped_low, out.clipped_high, mask)
         metrics["policy/pg_loss"] = pg_loss.detach().float()
         if ref_logprobs is not None and self.kl is not None:
             ref = masked_fill_padding(ref_logprobs.detach(), mask)
@@ -126,6 +160,15 @@ class PolicyObjective(nn.Module):
         elif self.uses_kl:
             raise ValueError("kl_coef > 0 but no ref_logprobs were given: the reference model's log-probs are needed.")
         return ObjectiveOutput(loss=loss, metrics=metrics)
+
+    def _masks(self, lp: Tensor, old: Tensor, advantages: Tensor, mask: Tensor, rollout: Tensor | None):
+        if not len(self.masks):
+            return None
+        adv = advantages.detach()
+        adv = masked_fill_padding((adv[:, None] if adv.dim() == 1 else adv).expand_as(lp), mask)
+        rollout = None if rollout is None else masked_fill_padding(rollout.detach(), mask)
+        inputs = MaskInputs(lp, old, adv.to(lp.dtype), mask, rollout_logprobs=rollout)
+        return combine([m(inputs) for m in self.masks], mask)
 
     @staticmethod
     def _clip_metrics(ratio: Tensor, low: Tensor, high: Tensor, mask: Tensor) -> dict[str, Tensor]:

@@ -1,7 +1,7 @@
 """`GSPOModule`'s options in typed groups, and the decisions made from them, each in one place.
 
 jsonargparse nests each group under the module's key (``model.update.mini_batches``, ``--model.update.mini_batches
-2``); the components (ratio, advantage, clip, KL, aggregation, mismatch correction, optimizer, peft) stay flat.
+2``); the components (ratio, advantage, clip, KL, token masks, mismatch correction, optimizer, peft) stay flat.
 Every default lives on a field here, and every decision the module and the memory planner both need (exactly
 on-policy? which Routing Replay? is a reference model loaded? are MoE routes recorded?) is a method here: the
 planner (``gspo_lightning.plan``) builds these groups from a parsed configuration and asks them.
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from gspo_lightning.components.aggregation import AggregationMode, check_mode
 from gspo_lightning.models import DType
 from gspo_lightning.training.logprobs import DEFAULT_CHUNK_SIZE
 
@@ -91,6 +92,7 @@ class LossOptions:
         temperature: the sampling temperature; logits are divided by it (linked from data.sampling.temperature).
         max_new_tokens: the generation limit T_max, the constant of seq-mean-token-sum-norm (linked from
             data.sampling.max_new_tokens).
+        aggregation: how per-token losses become one scalar (docs/algorithms.md, "Loss aggregation").
     """
 
     kl_coef: float = 0.0
@@ -98,8 +100,10 @@ class LossOptions:
     entropy_coef: float = 0.0
     temperature: float = 1.0
     max_new_tokens: int | None = None
+    aggregation: AggregationMode = "seq-mean-token-mean"
 
     def __post_init__(self) -> None:
+        check_mode(self.aggregation)
         if self.kl_coef < 0:
             raise ValueError(
                 f"model.loss.kl_coef={self.kl_coef} rewards drifting away from the reference: use 0 (off) or > 0."
@@ -295,15 +299,15 @@ def needs_reference(loss: LossOptions, advantage: Any) -> bool:
     return loss.kl_coef > 0 or bool(getattr(advantage, "needs_ref", False))
 
 
-def check_aggregation(aggregation: str, loss: LossOptions) -> None:
+def check_aggregation(loss: LossOptions) -> None:
     """Refuse ``seq-mean-token-sum-norm`` without ``max_new_tokens``: its T_max must be one constant on every
     micro-batch and rank, not each one's padded width.
 
     Raises:
         ValueError: with the fix.
     """
-    if aggregation == "seq-mean-token-sum-norm" and loss.max_new_tokens is None:
+    if loss.aggregation == "seq-mean-token-sum-norm" and loss.max_new_tokens is None:
         raise ValueError(
-            "model.aggregation=seq-mean-token-sum-norm divides by a constant T_max: set model.loss.max_new_tokens"
+            "model.loss.aggregation=seq-mean-token-sum-norm divides by a constant T_max: set model.loss.max_new_tokens"
             " (the CLI links it to data.sampling.max_new_tokens)."
         )

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from gspo_lightning.batch import RolloutBatch
 from gspo_lightning.components.advantage import Advantage
 from gspo_lightning.components.kl import KL
+from gspo_lightning.components.masks import MaskInputs, TokenMask, combine
 from gspo_lightning.components.mismatch import MismatchCorrection
 from gspo_lightning.moe.routing import RoutingController, rollout_mismatch_counts, routing_context
 from gspo_lightning.ops import seq_sum
@@ -48,6 +49,14 @@ def old_logprob_source(old_logprobs: OldLogprobs, on_policy: bool, needs_trainer
     return "none"
 
 
+class NoGradPass(NamedTuple):
+    """What :func:`no_grad_logprobs` returns."""
+
+    logprobs: Tensor
+    experts: Tensor | None = None
+    entropy: Tensor | None = None
+
+
 @torch.no_grad()
 def no_grad_logprobs(
     model: nn.Module,
@@ -60,7 +69,8 @@ def no_grad_logprobs(
     agree: Callable[[int], int] | None = None,
     padding_free: bool = False,
     replay: bool = False,
-) -> tuple[Tensor, Tensor | None]:
+    with_entropy: bool = False,
+) -> NoGradPass:
     """Log-probs of the batch's responses in eval mode (no dropout), one micro-batch at a time.
 
     Micro-batches are cut as in the update (``training.splits.micro_batches``: by sequence count or token
@@ -69,12 +79,14 @@ def no_grad_logprobs(
     (at ``routing_mask``) while the routers' own choices are still read.
 
     Returns:
-        (N, T) log-probs, and with ``routing`` the (N, L, P+T, k) experts the routers chose (else None).
+        (N, T) log-probs, with ``routing`` the (N, L, P+T, k) experts the routers chose (else None), and with
+        ``with_entropy`` the (N, T) entropies (else None).
     """
     was_training = model.training
     model.eval()
     n, t = batch.response_mask.shape
     logprobs = batch.response_mask.new_zeros(n, t, dtype=torch.float32)
+    entropy = torch.zeros_like(logprobs) if with_entropy else None
     recorded = []
     try:
         for index, micro in micro_batches(batch, micro_batch_size, micro_batch_tokens, agree):
@@ -83,21 +95,23 @@ def no_grad_logprobs(
             with routing_context(routing, micro.input_ids, micro.routing, replay, packed, micro.routing_mask, True):
                 out = response_logprobs(
                     model, micro.input_ids, micro.attention_mask, width, temperature, chunk_size=chunk_size,
-                    padding_free=padding_free,
+                    padding_free=padding_free, with_entropy=with_entropy,
                 )  # fmt: skip
             logprobs[index.to(logprobs.device), :width] = out.logprobs
+            if entropy is not None:
+                entropy[index.to(entropy.device), :width] = out.entropy.float()
             if routing is not None:
                 recorded.append((index, batch.prompt_width - micro.prompt_width, routing.chosen()))
     finally:
         model.train(was_training)
     if routing is None:
-        return logprobs, None
+        return NoGradPass(logprobs, None, entropy)
     dtype = torch.int16 if any(r.dtype == torch.int16 for *_, r in recorded) else torch.uint8
     shape = (n, routing.num_layers, batch.input_ids.shape[1], recorded[0][2].shape[-1])
     experts = torch.zeros(shape, dtype=dtype, device=recorded[0][2].device)
     for index, start, part in recorded:  # one step per micro-batch
         experts[index.to(experts.device), :, start : start + part.shape[2]] = part.to(dtype)
-    return logprobs, experts
+    return NoGradPass(logprobs, experts, entropy)
 
 
 @dataclass
@@ -113,7 +127,8 @@ class PreUpdateResult:
         routing_mask: the positions ``routing`` covers (Rollout Routing Replay: those the engine reported).
         rollout_mismatch: :func:`~gspo_lightning.moe.routing.rollout_mismatch_counts` of pi_old's routers
             against the engine's routes, when this pass ran them on a batch with engine routes; else None.
-        is_weights: the mismatch correction's importance weights, or None.
+        is_weights: the mismatch correction's importance weights times the pre-update token masks' weights, or None.
+        token_kl_coef: the pre-update token masks' ``|lp - old|`` penalty coefficients (KL-Cov), or None.
         penalised_rewards: rewards less the KL penalty, or None when the KL term is not in the reward.
         metrics: ``time/*``, ``sampling/*`` and ``rollout/kl_penalty_mean`` scalars.
     """
@@ -125,6 +140,7 @@ class PreUpdateResult:
     routing_mask: Tensor | None = None
     rollout_mismatch: tuple[Tensor, Tensor, Tensor] | None = None
     is_weights: Tensor | None = None
+    token_kl_coef: Tensor | None = None
     penalised_rewards: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -138,6 +154,7 @@ class PreUpdateResult:
             routing=self.routing,
             routing_mask=self.routing_mask,
             is_weights=self.is_weights,
+            token_kl_coef=self.token_kl_coef,
             penalised_rewards=self.penalised_rewards,
             metrics={**batch.metrics, **self.metrics},
         )
@@ -158,6 +175,8 @@ class PreUpdatePass:
             required then).
         kl: the KL estimator (used here only when the penalty is in the reward).
         mismatch_correction: rollout/trainer importance weights, or None.
+        masks: the token masks of the ``pre_update`` stage (``components.token_selection``): computed here once,
+            from pi_old's log-probs (and entropies) over the whole rollout batch, after the advantages.
     """
 
     def __init__(
@@ -169,10 +188,19 @@ class PreUpdatePass:
         moe: MoEOptions,
         kl: KL | None = None,
         mismatch_correction: MismatchCorrection | None = None,
+        masks: Sequence[TokenMask] = (),
     ) -> None:
         if update.old_logprobs == "rollout" and mismatch_correction is not None:
             raise ValueError(
                 "model.update.old_logprobs=rollout makes pi_old the engine's: there is no mismatch to correct."
+            )
+        self.masks = list(masks)
+        self.with_entropy = any(m.needs_entropy for m in self.masks)
+        if self.with_entropy and update.old_logprobs == "rollout":
+            names = ", ".join(type(m).__name__ for m in self.masks if m.needs_entropy)
+            raise ValueError(
+                f"{names} reads pi_old's entropies, which the engine does not report: set model.update.old_logprobs"
+                " to auto or recompute (the trainer's pass computes them)."
             )
         self.advantage = advantage
         self.kl = kl if loss.reward_kl_coef > 0 else None
@@ -182,7 +210,7 @@ class PreUpdatePass:
         self.batching = batching
         self.record_routing = moe.records_old_routing(update.on_policy)
         self.replay_rollout = moe.replay == "rollout"
-        needs_trainer_old = self.kl is not None or mismatch_correction is not None
+        needs_trainer_old = self.kl is not None or mismatch_correction is not None or bool(self.masks)
         self.source = old_logprob_source(update.old_logprobs, update.on_policy, needs_trainer_old)
 
     def __call__(
@@ -205,7 +233,7 @@ class PreUpdatePass:
                     " with datamodule.connect(PolicyLink(model, report_routes=True)) before the first rollout."
                 )
             batch = dataclasses.replace(batch, routing=batch.rollout_routing, routing_mask=batch.rollout_routing_mask)
-        old, chosen = self._old_logprobs(batch, policy, routing, agree)
+        old, chosen, entropy = self._old_logprobs(batch, policy, routing, agree)
         metrics["time/old_logprob_s"] = time.perf_counter() - start
         mismatch = None
         if chosen is not None and batch.rollout_routing is not None:
@@ -218,7 +246,7 @@ class PreUpdatePass:
         start = time.perf_counter()
         ref = None
         if reference is not None:
-            ref, _ = self._logprobs(reference, batch, agree=agree)
+            ref = self._logprobs(reference, batch, agree=agree).logprobs
         metrics["time/ref_logprob_s"] = time.perf_counter() - start
         penalised = None
         if self.kl is not None:
@@ -228,42 +256,70 @@ class PreUpdatePass:
             metrics["rollout/kl_penalty_mean"] = penalty.mean().item()
             penalised = batch.rewards - penalty
         with_rewards = dataclasses.replace(batch, old_logprobs=old, ref_logprobs=ref, penalised_rewards=penalised)
+        advantages = self.advantage(with_rewards)
+        masked = self._masks(batch, old, advantages, entropy)
+        token_kl_coef = None
+        if masked is not None:
+            is_weights = masked.weights if is_weights is None else is_weights * masked.weights
+            token_kl_coef = masked.kl_coef
+            metrics.update({k: float(v) for k, v in masked.metrics.items()})
         return PreUpdateResult(
-            advantages=self.advantage(with_rewards),
+            advantages=advantages,
             old_logprobs=old,
             ref_logprobs=ref,
             routing=experts,
             routing_mask=batch.routing_mask if self.replay_rollout else None,
             rollout_mismatch=mismatch,
             is_weights=is_weights,
+            token_kl_coef=token_kl_coef,
             penalised_rewards=penalised,
             metrics=metrics,
         )
 
+    def _masks(self, batch: RolloutBatch, old: Tensor, advantages: Tensor, entropy: Tensor | None):
+        """The pre-update token masks on the whole rollout batch, pi_old's statistics (None without masks)."""
+        if not self.masks:
+            return None
+        mask = batch.response_mask
+        adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(old)
+        rollout = batch.rollout_logprobs
+        inputs = MaskInputs(
+            logprobs=old, old_logprobs=old, advantages=adv.masked_fill(~mask, 0.0).to(old.dtype), response_mask=mask,
+            rollout_logprobs=None if rollout is None else rollout.masked_fill(~mask, 0.0), entropy=entropy,
+            response_ids=batch.response_ids,
+        )  # fmt: skip
+        return combine([m(inputs) for m in self.masks], mask)
+
     def _old_logprobs(
         self, batch: RolloutBatch, policy: nn.Module, routing: RoutingController | None, agree: Callable | None
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """pi_old's log-probs from the resolved source, and the experts its routers chose when it ran with
-        ``routing`` (under Rollout Routing Replay, while forced to the engine's)."""
+    ) -> NoGradPass:
+        """pi_old's log-probs from the resolved source, the experts its routers chose when it ran with
+        ``routing`` (under Rollout Routing Replay, while forced to the engine's), and its entropies when a token
+        mask reads them."""
         if self.source == "rollout" and batch.rollout_logprobs is None:
             raise ValueError("old_logprobs='rollout' needs an engine that reports log-probs (e.g. VLLMEngine).")
         observe = self.record_routing or self.replay_rollout or batch.rollout_routing is not None
         routing = routing if observe else None
         if self.source == "trainer":
-            return self._logprobs(policy, batch, routing, agree)
+            return self._logprobs(policy, batch, routing, agree, self.with_entropy)
         experts = None
         if routing is not None and self.record_routing and not self.replay_rollout:
             # Routing Replay or the routing metric need pi_old's experts even without its log-probs
-            _, experts = self._logprobs(policy, batch, routing, agree)
-        return (batch.rollout_logprobs if self.source == "rollout" else None), experts
+            experts = self._logprobs(policy, batch, routing, agree).experts
+        return NoGradPass(batch.rollout_logprobs if self.source == "rollout" else None, experts)
 
     def _logprobs(
-        self, model: nn.Module, batch: RolloutBatch, routing: RoutingController | None = None, agree=None
-    ) -> tuple[Tensor, Tensor | None]:
+        self,
+        model: nn.Module,
+        batch: RolloutBatch,
+        routing: RoutingController | None = None,
+        agree=None,
+        with_entropy: bool = False,
+    ) -> NoGradPass:
         b = self.batching
         return no_grad_logprobs(
             model, batch, self.temperature, b.micro_batch_size, routing, b.logprob_chunk_size,
-            b.micro_batch_tokens, agree, b.padding_free, replay=self.replay_rollout,
+            b.micro_batch_tokens, agree, b.padding_free, replay=self.replay_rollout, with_entropy=with_entropy,
         )  # fmt: skip
 
     def _mismatch(self, batch: RolloutBatch, old: Tensor | None) -> tuple[Tensor | None, dict[str, float]]:

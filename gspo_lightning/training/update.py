@@ -90,8 +90,9 @@ class PolicyLoss:
         # exactly on-policy there is no pi_old pass: pi_old = pi_theta, detached
         old = micro.old_logprobs if micro.old_logprobs is not None else out.logprobs.detach()
         result = self.objective(
-            out.logprobs, old, micro.advantages, micro.response_mask, micro.ref_logprobs, counts, micro.is_weights
-        )
+            out.logprobs, old, micro.advantages, micro.response_mask, micro.ref_logprobs, counts, micro.is_weights,
+            micro.rollout_logprobs, micro.token_kl_coef,
+        )  # fmt: skip
         loss, metrics = result.loss, dict(result.metrics)
         mask = micro.response_mask
         metrics["policy/entropy"] = masked_metric_mean(out.entropy, mask)

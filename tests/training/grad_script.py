@@ -22,7 +22,7 @@ from gspo_lightning.engines import SamplingConfig
 from gspo_lightning.module import GSPOModule
 from gspo_lightning.rewards import FunctionReward
 from gspo_lightning.rollout import RolloutDataModule, RolloutOptions
-from gspo_lightning.training.options import BatchingOptions, PolicyOptions, UpdateOptions
+from gspo_lightning.training.options import BatchingOptions, LossOptions, PolicyOptions, UpdateOptions
 
 MODEL = "builtin:tiny-qwen3-moe-random"
 LOADS: list[str] = []
@@ -87,7 +87,7 @@ def main(out: str, devices: int, strategy: str, lora: bool = False) -> None:
         policy=PolicyOptions(path=MODEL),
         update=UpdateOptions(mini_batches=1, max_grad_norm=None, shuffle_mini_batches=False, old_logprobs="recompute"),
         batching=BatchingOptions(micro_batch_size=3),
-        aggregation="seq-mean-token-mean",
+        loss=LossOptions(aggregation="seq-mean-token-mean"),
         peft=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if lora else None,
     )
     trainer = pl.Trainer(
