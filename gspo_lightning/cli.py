@@ -72,7 +72,9 @@ def list_components(kinds: Sequence[str] = ()) -> str:
     return "\n".join(lines)
 
 
-LIST_HELP = "List the registered components (ratios, advantages, clips, KLs, rewards, engines, prompt sources)."
+LIST_HELP = (
+    "List the registered components (ratios, advantages, clips, KLs, token masks, rewards, engines, prompt sources)."
+)
 PLAN_HELP = "Print the run's memory budget per device (no weights loaded): does it fit, and what to turn if not."
 
 

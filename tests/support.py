@@ -148,6 +148,22 @@ def built_module(model: str, **kwargs):
     return module
 
 
+def accumulated_grads(module, batch):
+    """The gradient of ``batch``'s loss accumulated over the module's micro-batches (size or token budget), each
+    normalised by the whole batch's counts, as one optimizer step sees it."""
+    from gspo_lightning import LossCounts
+    from gspo_lightning.training.splits import micro_batches
+
+    module.policy.zero_grad()
+    counts = LossCounts.from_mask(batch.response_mask)
+    batching = module.options.batching
+    for _, piece in micro_batches(batch, batching.micro_batch_size, batching.micro_batch_tokens):
+        with module.routing_context(piece):
+            loss, _ = module.policy_loss(module.policy, piece, counts, module.routing)
+            loss.backward()
+    return torch.cat([p.grad.flatten() for p in module.policy.parameters() if p.grad is not None])
+
+
 def prepared(module, batch: RolloutBatch) -> RolloutBatch:
     """``batch`` after the module's pre-update pass."""
     return module.pre_update(batch, module.policy, module.reference, module.routing).apply(batch)

@@ -32,6 +32,20 @@ def test_list_all_kinds_from_the_command_line():
     assert "arXiv 2507.18071" in out.stdout
 
 
+def test_list_shows_the_2025_objectives_with_their_papers():
+    clips, masks = list_components(["clip"]), list_components(["token_mask"])
+    for name, paper in (("SAPOGate", "2511.20347"), ("CISPOClip", "2506.13585"), ("GMPOClip", "2507.20673")):
+        assert re.search(rf"^  {name} +.*arXiv {paper}", clips, re.M), clips
+    for name, paper in (
+        ("OffPolicySequenceMask", "2512.02556"),
+        ("DivergenceMask", "2602.04879"),
+        ("HighEntropyTokens", "2506.01939"),
+        ("ClipCov", "2505.22617"),
+        ("KLCov", "2505.22617"),
+    ):
+        assert re.search(rf"^  {name} +.*arXiv {paper}", masks, re.M), masks
+
+
 def test_list_one_kind_and_unknown_kind():
     text = list_components(["clip"])
     assert "DualClip" in text and "SequenceRatio" not in text

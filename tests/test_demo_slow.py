@@ -88,3 +88,22 @@ def test_demo_learns_with_lora(tmp_path):
     lora = ROOT / "configs" / "lora.yaml"
     report = _fit(tmp_path, "--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(lora))
     assert report["after"]["val/accuracy"] - report["before"]["val/accuracy"] >= 0.15, report
+
+
+@pytest.mark.parametrize(
+    ("preset", "measured"),
+    [
+        ("sapo", "30.6% -> 63.6% greedy (+33.0), sampled +34.9"),
+        ("cispo", "30.6% -> 73.0% greedy (+42.4), sampled +43.9"),
+    ],
+)
+def test_demo_gains_25_points_with_the_2025_objectives(tmp_path, preset, measured):
+    # the whole demo with SAPO's soft gate and with CISPO's clipped IS weight in place of GSPO's clip, measured on
+    # this project's 2-core machine (2026-12-07, the machine whose warm-up stops at 30.6%): ``measured``. Learning is
+    # the sampled held-out gain, the distribution RL trains (>= 25 points); greedy must gain >= 20: on the machine
+    # whose warm-up stops at 37.6% GSPO's greedy gain was 19 points below this machine's, its sampled gain 13
+    config = ROOT / "configs" / "algorithms" / f"{preset}.yaml"
+    report = _fit(tmp_path, "--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(config))
+    gain = report["after"]["val/accuracy"] - report["before"]["val/accuracy"]
+    sampled_gain = report["after"]["val/accuracy_sampled"] - report["before"]["val/accuracy_sampled"]
+    assert sampled_gain >= 0.25 and gain >= 0.20, (measured, report)

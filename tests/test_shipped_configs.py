@@ -31,21 +31,46 @@ def test_every_config_parses(path, capsys):
     assert "model:" in printed and "data:" in printed
 
 
+PRESET_PARTS = {  # ratio, clip, token masks, aggregation, the clip's defining parameters
+    "gspo": ("SequenceRatio", "PPOClip", [], "seq-mean-token-mean", {"eps_low": 3e-4, "eps_high": 4e-4}),
+    "gspo_token": ("SequenceTokenRatio", "PPOClip", [], "seq-mean-token-mean", {"eps_low": 3e-4}),
+    "grpo": ("TokenRatio", "PPOClip", [], "seq-mean-token-mean", {"eps_low": 0.2, "eps_high": 0.2}),
+    "dr_grpo": ("TokenRatio", "PPOClip", [], "seq-mean-token-sum-norm", {"eps_low": 0.2}),
+    "dapo": ("TokenRatio", "PPOClip", [], "token-mean", {"eps_low": 0.2, "eps_high": 0.28}),
+    "sapo": ("TokenRatio", "SAPOGate", [], "seq-mean-token-mean", {"tau_pos": 1.0, "tau_neg": 1.05}),
+    "cispo": ("TokenRatio", "CISPOClip", [], "token-mean", {"eps_low": 1.0, "eps_high": 4.0}),
+    "gmpo": ("TokenRatio", "GMPOClip", [], "seq-mean-token-mean", {"eps_low": 0.4, "eps_high": 0.4}),
+    "dppo_tv": ("TokenRatio", "NoClip", ["DivergenceMask"], "token-mean", {}),
+    "dppo_kl": ("TokenRatio", "NoClip", ["DivergenceMask"], "token-mean", {}),
+    "clip_cov": ("TokenRatio", "PPOClip", ["ClipCov"], "token-mean", {"eps_low": 1.0, "eps_high": 1.0}),
+    "kl_cov": ("TokenRatio", "NoClip", ["KLCov"], "token-mean", {}),
+    # overlays: the demo's GSPO with a mask
+    "opsm": ("SequenceRatio", "PPOClip", ["OffPolicySequenceMask"], "seq-mean-token-mean", {"eps_low": 3e-4}),
+    "forking_tokens": ("SequenceRatio", "PPOClip", ["HighEntropyTokens"], "seq-mean-token-mean", {"eps_low": 3e-4}),
+}
+
+
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
 def test_presets_instantiate_on_the_demo(path):
     cli = cli_main(["--config", str(DEMO_CONFIG), "--config", str(path)], run=False)
-    expected = {
-        "gspo": ("SequenceRatio", 3e-4),
-        "gspo_token": ("SequenceTokenRatio", 3e-4),
-        "grpo": ("TokenRatio", 0.2),
-        "dr_grpo": ("TokenRatio", 0.2),
-        "dapo": ("TokenRatio", 0.2),
-    }[path.stem]
-    assert type(cli.model.objective.ratio).__name__ == expected[0]
-    assert cli.model.objective.clip.eps_low == expected[1]
+    ratio, clip, masks, aggregation, params = PRESET_PARTS[path.stem]
+    objective = cli.model.objective
+    assert (type(objective.ratio).__name__, type(objective.clip).__name__) == (ratio, clip)
+    assert all(getattr(objective.clip, k) == v for k, v in params.items()), objective.clip
+    built = [type(m).__name__ for m in [*objective.masks, *cli.model.pre_update.masks]]
+    assert built == masks and objective.aggregation == aggregation
     # linked values: given once, seen by both parts
-    assert cli.model.objective.max_len == cli.datamodule.sampling.max_new_tokens
+    assert objective.max_len == cli.datamodule.sampling.max_new_tokens
     assert cli.datamodule.tokenizer_path == cli.model.options.policy.path
+
+
+def test_dppo_anchors_its_trust_region_to_the_engine():
+    cli = cli_main(
+        ["--config", str(DEMO_CONFIG), "--config", str(CONFIG_DIR / "algorithms" / "dppo_tv.yaml")], run=False
+    )
+    (mask,) = cli.model.objective.masks
+    assert (mask.divergence, mask.delta_low, mask.delta_high) == ("tv", 0.15, 0.15)
+    assert cli.model.pre_update.source == "rollout"
 
 
 def test_dapo_turns_on_dynamic_sampling_and_clip_higher():

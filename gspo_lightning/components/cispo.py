@@ -1,4 +1,4 @@
-"""CISPO (MiniMax-M1, arXiv 2506.13585, eq. 4-5), in the clip slot: clip the importance weight, not the token.
+"""CISPO (MiniMax-M1, arXiv 2506.13585), in the clip slot: clip the importance weight, not the token.
 
     l_it = -sg(clip(r_it, 1 - eps_low, 1 + eps_high)) A_it log pi_theta(y_it)
 

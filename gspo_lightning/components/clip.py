@@ -86,8 +86,8 @@ class PPOClip(Clip):
 
     def __init__(self, eps_low: float = 0.2, eps_high: float = 0.2) -> None:
         super().__init__()
-        if not 0.0 <= eps_low < 1.0:
-            raise ValueError(f"eps_low must be in [0, 1), got {eps_low}.")
+        if not 0.0 <= eps_low <= 1.0:
+            raise ValueError(f"eps_low must be in [0, 1] (1: no lower bound), got {eps_low}.")
         if eps_high < 0.0:
             raise ValueError(f"eps_high must be >= 0, got {eps_high}.")
         self.eps_low = eps_low

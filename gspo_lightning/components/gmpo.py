@@ -1,4 +1,4 @@
-"""GMPO (Geometric-Mean Policy Optimization, arXiv 2507.20673, eq. 4), in the clip slot.
+"""GMPO (Geometric-Mean Policy Optimization, arXiv 2507.20673, its objective), in the clip slot.
 
 GRPO averages token ratios arithmetically, so one outlier ratio moves the objective a lot; GMPO takes their
 geometric mean, clipping each token's log ratio first, in log space and with the sign of the advantage (the

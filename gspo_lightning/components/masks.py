@@ -215,7 +215,7 @@ def combine(outputs: list[MaskOutput], mask: Tensor) -> MaskOutput | None:
     weights = torch.ones_like(outputs[0].weights)
     kl_coef = penalty = None
     metrics: dict[str, Tensor] = {}
-    for out in outputs:
+    for out in outputs:  # over components, not tokens
         weights = weights * out.weights.detach()
         kl_coef = add_optional(kl_coef, out.kl_coef)
         penalty = add_optional(penalty, out.penalty)

@@ -69,7 +69,7 @@ class PolicyObjective(nn.Module):
         super().__init__()
         check_mode(aggregation)
         masks = list(masks or [])
-        misplaced = [type(m).__name__ for m in masks if m.stage != "update"]
+        misplaced = [type(m).__name__ for m in masks if m.stage != "update"]  # over components, not tokens
         if misplaced:
             raise ValueError(
                 f"{', '.join(misplaced)} run before the update (stage pre_update): pass them to the module."
@@ -168,7 +168,7 @@ class PolicyObjective(nn.Module):
         adv = masked_fill_padding((adv[:, None] if adv.dim() == 1 else adv).expand_as(lp), mask)
         rollout = None if rollout is None else masked_fill_padding(rollout.detach(), mask)
         inputs = MaskInputs(lp, old, adv.to(lp.dtype), mask, rollout_logprobs=rollout)
-        return combine([m(inputs) for m in self.masks], mask)
+        return combine([m(inputs) for m in self.masks], mask)  # over components, not tokens
 
     @staticmethod
     def _clip_metrics(ratio: Tensor, low: Tensor, high: Tensor, mask: Tensor) -> dict[str, Tensor]:

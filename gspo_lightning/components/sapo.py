@@ -1,7 +1,7 @@
 """SAPO's soft gate (Soft Adaptive Policy Optimization, Qwen, arXiv 2511.20347), in the clip slot.
 
 Instead of cutting the gradient off outside a trust region, SAPO multiplies the advantage by a smooth function
-of the ratio (the paper's eq. 5-6, written as a loss):
+of the ratio (the paper's objective, written as a loss):
 
     l_it = -f_it(r_it) A_it,      f_it(r) = (4 / tau_it) sigmoid(tau_it (r - 1)),
     tau_it = tau_pos if A_it > 0 else tau_neg

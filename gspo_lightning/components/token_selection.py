@@ -7,7 +7,7 @@ of an exactly on-policy batch pi_old is the current policy, so the statistics ar
 mini-batches keep the first selection instead of re-ranking with the moved policy
 (``docs/algorithms.md#token-masks``).
 
-The covariance of a token (arXiv 2505.22617, eq. 11) centres over the batch's real tokens:
+The covariance of a token (arXiv 2505.22617) centres over the batch's real tokens:
 ``Cov_it = (log pi(y_it) - mean(log pi)) * (A_it - mean(A))``.
 """
 
@@ -86,7 +86,7 @@ class HighEntropyTokens(TokenMask):
 
 @MASKS.register
 class ClipCov(TokenMask):
-    """Clip-Cov (arXiv 2505.22617, eq. 12): detach a random ``ratio`` share of tokens of high covariance.
+    """Clip-Cov (arXiv 2505.22617): detach a random ``ratio`` share of tokens of high covariance.
 
     Of the real tokens with ``low < Cov_it < high``, ``max(1, floor(ratio * n))`` are drawn uniformly (n the
     real tokens of the batch) and their policy loss carries no gradient (weight 0). The draw is seeded by
@@ -126,7 +126,7 @@ class ClipCov(TokenMask):
 
 @MASKS.register
 class KLCov(TokenMask):
-    """KL-Cov (arXiv 2505.22617, eq. 13): a KL penalty ``coef |lp - old|`` on the tokens of largest covariance.
+    """KL-Cov (arXiv 2505.22617): a KL penalty ``coef |lp - old|`` on the tokens of largest covariance.
 
     The ``max(1, floor(ratio * n))`` real tokens with the largest ``Cov_it`` get ``coef * |lp_it - old_it|``
     added to their loss (verl's absolute-difference estimate of the KL to pi_old); every token keeps its

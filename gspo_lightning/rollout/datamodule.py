@@ -271,8 +271,14 @@ class RolloutDataModule(pl.LightningDataModule):
         with seeded_rng(self._stream_seed("rollout", self.steps)):
             batch = self.collector.collect(self.next_prompts, self.rollout.prompts_per_step // world)
         self.steps += 1
-        batch.metrics["rollout/epoch"] = float(self.epoch)
+        batch.metrics["epoch"] = self.prompt_epochs()
         return batch
+
+    def prompt_epochs(self) -> float:
+        """Passes over this rank's training prompts so far (1.5: one pass and half of the next), logged as ``epoch``
+        in place of Lightning's loop epoch, which stays 0 in a run of rollout batches (``max_epochs`` is not used)."""
+        per_rank = len(self._train) // self.rank_and_world[1] if self._train else 0
+        return float(self.epoch) + (self.cursor / per_rank if per_rank else 0.0)
 
     def _base_seed(self) -> int:
         """The base of the random streams: restored from a checkpoint, else the process's seed at first use."""
@@ -296,7 +302,7 @@ class RolloutDataModule(pl.LightningDataModule):
         greedy = self._correct(prompts, 1, greedy=True)[:, 0]
         k = self.heldout.num_samples
         sampled = self._correct(prompts, k, greedy=False) if k > 0 else torch.zeros(len(prompts), 0, dtype=torch.bool)
-        return EvalResult(greedy_correct=greedy, sampled_correct=sampled)
+        return EvalResult(greedy_correct=greedy, sampled_correct=sampled, epoch=self.prompt_epochs())
 
     def evaluate_heldout(self) -> Iterator[EvalResult]:
         """Evaluate this rank's held-out prompts, ``val_batch_size`` at a time, each from its own random stream."""

@@ -21,18 +21,21 @@ class EvalResult:
     Attributes:
         greedy_correct: (n,) bool.
         sampled_correct: (n, k) bool (k may be 0).
+        epoch: passes over the training prompts when it ran (``RolloutDataModule.prompt_epochs``).
     """
 
     greedy_correct: Tensor
     sampled_correct: Tensor
+    epoch: float = 0.0
 
     def __len__(self) -> int:
         return self.greedy_correct.shape[0]
 
 
 def eval_metrics(result: EvalResult) -> dict[str, Tensor]:
-    """``val/*`` metrics of one held-out batch: greedy accuracy, sampled accuracy and pass@k."""
-    metrics = {"val/accuracy": result.greedy_correct.float().mean()}
+    """``val/*`` metrics of one held-out batch: greedy accuracy, sampled accuracy and pass@k; and ``epoch``, the
+    passes over the training prompts (the column Lightning would fill with its always-0 loop epoch)."""
+    metrics = {"val/accuracy": result.greedy_correct.float().mean(), "epoch": torch.tensor(float(result.epoch))}
     k = result.sampled_correct.shape[1]
     if k > 0:
         metrics["val/accuracy_sampled"] = result.sampled_correct.float().mean()

@@ -86,3 +86,14 @@ def test_csv_and_tensorboard_loggers_get_the_same_metric_names(tmp_path):
 def test_sample_logger_without_any_logger_writes_its_file(tmp_path):
     cli_main(["fit", *tiny_args(tmp_path, "--trainer.logger", "false", max_steps=2)])
     assert "completion" in (tmp_path / "samples.md").read_text()
+
+
+def test_the_epoch_column_counts_passes_over_the_training_prompts(tmp_path):
+    # Lightning fills "epoch" with its loop epoch, always 0 in a run of rollout batches; here it is the passes over
+    # this rank's 64 training prompts: 4 prompts a rollout batch -> 1/16, 2/16 after two batches, the held-out
+    # evaluation after the second batch at 2/16 too (it logged 0 there before)
+    cli_main(["fit", *tiny_args(tmp_path, max_steps=4)])
+    events = scalars(tmp_path / "lightning_logs" / "version_0")["epoch"]
+    values = [e.value for e in sorted(events, key=lambda e: (e.step, e.wall_time))]
+    assert set(values) <= {0.0, 1 / 16, 2 / 16} and 1 / 16 in values and values[-1] == 2 / 16, values
+    assert values == sorted(values)

@@ -3,7 +3,7 @@ whole-batch gradient, with the masks acting (pre-update masks are selected once,
 
 import pytest
 import torch
-from support import built_module, prepared
+from support import accumulated_grads, built_module, prepared
 
 from gspo_lightning import (
     CISPOClip,
@@ -20,19 +20,6 @@ from gspo_lightning import (
     SequenceRatio,
     TokenRatio,
 )
-from gspo_lightning.training.splits import micro_batches
-
-def _grads(module, batch):
-    """The gradient of the batch's loss accumulated over the module's micro-batches (size or token budget)."""
-    module.policy.zero_grad()
-    counts = LossCounts.from_mask(batch.response_mask)
-    batching = module.options.batching
-    for _, piece in micro_batches(batch, batching.micro_batch_size, batching.micro_batch_tokens):
-        with module.routing_context(piece):
-            loss, _ = module.policy_loss(module.policy, piece, counts, module.routing)
-            loss.backward()
-    return torch.cat([p.grad.flatten() for p in module.policy.parameters() if p.grad is not None])
-
 
 OBJECTIVES = {
     "sapo": dict(ratio=TokenRatio(), clip=SAPOGate()),
@@ -69,12 +56,12 @@ def test_every_split_gives_the_whole_batch_gradient(tiny_path, rollout, name):
     if "token_masks" in OBJECTIVES[name]:
         acts = metrics.get("policy/masked_frac", 0) > 0 or metrics.get("policy/token_kl_penalty", 0) > 0
         assert acts, f"{name}: the mask never acted, the test would not see a split error ({metrics})"
-    g_whole = _grads(whole, batch)
+    g_whole = accumulated_grads(whole, batch)
     assert g_whole.abs().sum() > 0
     for split in (dict(micro_batch_size=3), dict(micro_batch_tokens=40, padding_free=True)):
         part = built_module(tiny_path, **options, **split)
         part.policy.load_state_dict(whole.policy.state_dict())
-        torch.testing.assert_close(_grads(part, batch), g_whole, rtol=1e-4, atol=1e-6, msg=f"{name} {split}")
+        torch.testing.assert_close(accumulated_grads(part, batch), g_whole, rtol=1e-4, atol=1e-6, msg=f"{name} {split}")
 
 
 def test_pre_update_masks_select_on_the_whole_rollout_batch(tiny_path, rollout):

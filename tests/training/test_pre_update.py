@@ -75,7 +75,7 @@ def test_kl_in_reward_keeps_raw_and_penalised_rewards_apart(tiny_path, rollout):
 def _with_engine_logprobs(module, batch, shift: float):
     """Give the batch engine log-probs that differ from the trainer's by ``shift`` per token, as an engine holding
     weights of its own would."""
-    trainer_lp, _ = no_grad_logprobs(module.policy, batch, temperature=1.0, micro_batch_size=None)
+    trainer_lp = no_grad_logprobs(module.policy, batch, temperature=1.0, micro_batch_size=None).logprobs
     batch.rollout_logprobs = trainer_lp - shift
     batch.engine_is_policy = False
     return trainer_lp

@@ -2,24 +2,12 @@
 
 import pytest
 import torch
-from support import built_module, prepared
+from support import accumulated_grads, built_module, prepared
 
 from gspo_lightning import LossCounts
 from gspo_lightning.components.mismatch import MismatchCorrection
 from gspo_lightning.training.logprobs import response_logprobs
 from gspo_lightning.training.splits import micro_batches
-
-
-def _grads(module, batch):
-    """The gradient of the batch's loss accumulated over the module's micro-batches (size or token budget)."""
-    module.policy.zero_grad()
-    counts = LossCounts.from_mask(batch.response_mask)
-    batching = module.options.batching
-    for _, piece in micro_batches(batch, batching.micro_batch_size, batching.micro_batch_tokens):
-        with module.routing_context(piece):
-            loss, _ = module.policy_loss(module.policy, piece, counts, module.routing)
-            loss.backward()
-    return torch.cat([p.grad.flatten() for p in module.policy.parameters() if p.grad is not None])
 
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
@@ -29,10 +17,10 @@ def test_micro_batches_give_the_whole_batch_gradient(tiny_path, rollout, aggrega
     batch = prepared(whole, rollout)
     # make the advantages non-trivial even if all rewards happened to be equal
     batch.advantages = torch.linspace(-1, 1, len(batch))
-    g_whole = _grads(whole, batch)
+    g_whole = accumulated_grads(whole, batch)
     micro = built_module(tiny_path, **options, micro_batch_size=3)
     micro.policy.load_state_dict(whole.policy.state_dict())
-    g_micro = _grads(micro, batch)
+    g_micro = accumulated_grads(micro, batch)
     torch.testing.assert_close(g_micro, g_whole, rtol=1e-4, atol=1e-6)
     assert g_whole.abs().sum() > 0
 
@@ -56,12 +44,12 @@ def test_token_budget_micro_batches_give_the_whole_batch_gradient(tiny_path, rol
     whole = built_module(tiny_path, **options)
     batch = prepared(whole, rollout)
     batch.advantages = torch.linspace(-1, 1, len(batch))
-    g_whole = _grads(whole, batch)
+    g_whole = accumulated_grads(whole, batch)
     packed = built_module(tiny_path, **options, micro_batch_tokens=40, padding_free=padding_free)
     packed.policy.load_state_dict(whole.policy.state_dict())
     parts = micro_batches(batch, tokens=40)
     assert len(parts) > 2 and any(part.input_ids.shape[1] < batch.input_ids.shape[1] for _, part in parts)
-    g_packed = _grads(packed, batch)
+    g_packed = accumulated_grads(packed, batch)
     torch.testing.assert_close(g_packed, g_whole, rtol=1e-4, atol=1e-6)
 
 
