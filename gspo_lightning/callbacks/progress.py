@@ -21,6 +21,7 @@ after that, after each held-out evaluation and at the end, with the step, the re
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -182,8 +183,40 @@ if _RICH_AVAILABLE:
             return Text(format_rate(_task_rate(task)), style=self.style)
 
 
+LOGGERS = ("lightning.pytorch", "lightning.fabric", "gspo_lightning")
+"""The loggers whose terminal handlers write through rich's console while its bar is on screen."""
+
+
 class StepRichProgressBar(_RolloutCounting, RichProgressBar):
-    """Lightning's rich bar, counting optimizer steps (see the module docstring)."""
+    """Lightning's rich bar, counting optimizer steps (see the module docstring).
+
+    While the bar is on screen, rich sends what is printed to ``sys.stdout`` / ``sys.stderr`` above it, but
+    Lightning's log handler keeps the stream it was created with and wrote past rich's back: ```Trainer.fit`
+    stopped```, the held-out table and the export path came out glued to the bar's last line. The handlers of
+    :data:`LOGGERS` that write to the terminal are pointed at rich's streams while the bar shows, and back after.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rerouted: list[tuple[logging.StreamHandler, Any]] = []
+
+    @override
+    def _init_progress(self, trainer: pl.Trainer) -> None:
+        super()._init_progress(trainer)
+        if self.progress is not None and not self._rerouted:
+            terminal = {id(sys.__stdout__): sys.stdout, id(sys.__stderr__): sys.stderr}
+            for name in LOGGERS:  # over a few loggers' handlers
+                for handler in logging.getLogger(name).handlers:
+                    target = terminal.get(id(getattr(handler, "stream", None)))
+                    if type(handler) is logging.StreamHandler and target is not None and target is not handler.stream:
+                        self._rerouted.append((handler, handler.setStream(target)))
+
+    @override
+    def _stop_progress(self) -> None:
+        super()._stop_progress()
+        for handler, stream in self._rerouted:
+            handler.setStream(stream)
+        self._rerouted = []
 
     @override
     def _get_train_description(self, current_epoch: int) -> str:
