@@ -87,6 +87,15 @@ def test_forking_tokens_keep_the_top_entropy_share():
     torch.testing.assert_close(out.metrics["policy/forking_entropy_threshold"], torch.tensor(6.25))
 
 
+def test_the_quantile_is_torch_s_for_any_size():
+    from gspo_lightning.components.token_selection import linear_quantile
+
+    values = torch.rand(1001, generator=torch.Generator().manual_seed(2))
+    for q in (0.0, 0.2, 0.5, 0.8, 1.0):
+        torch.testing.assert_close(linear_quantile(values, q), torch.quantile(values, q))
+    assert torch.isfinite(linear_quantile(torch.rand(17_000_000), 0.8))  # torch.quantile refuses over 16M
+
+
 def test_forking_tokens_ignore_padding():
     entropy = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, 100.0]])
     mask = torch.tensor([[True, True, False], [True, True, False]])
