@@ -24,6 +24,7 @@ all response tokens of the kept tokens' terms.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from gspo_lightning.components.aggregation import masked_metric_mean
+from gspo_lightning.components.clip import broadcast_advantages
 from gspo_lightning.ops import masked_fill_padding, seq_mean
 from gspo_lightning.registry import Registry
 
@@ -39,7 +41,7 @@ MaskStage = Literal["pre_update", "update"]
 
 @dataclass
 class MaskInputs:
-    """What a mask may read; every tensor (N, T), detached, 0 at padding.
+    """What a mask may read; every tensor (N, T), 0 at padding, detached but for ``logprobs`` in the update.
 
     Attributes:
         logprobs: log-probs of the policy the statistics describe: pi_theta's in the update (with gradient, for a
@@ -206,6 +208,26 @@ class DivergenceMask(TokenMask):
                 "policy/dppo_divergence_mean": masked_metric_mean(div.float(), mask),
             },
         )
+
+
+def apply_masks(
+    masks: Sequence[TokenMask],
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    rollout_logprobs: Tensor | None = None,
+    entropy: Tensor | None = None,
+    response_ids: Tensor | None = None,
+) -> MaskOutput | None:
+    """Run ``masks`` on one batch and :func:`combine` them (None without masks); advantages (N,) or (N, T)."""
+    if not masks:
+        return None
+    mask = response_mask.bool()
+    rollout = None if rollout_logprobs is None else masked_fill_padding(rollout_logprobs.detach(), mask)
+    adv = masked_fill_padding(broadcast_advantages(advantages, logprobs), mask)
+    inputs = MaskInputs(logprobs, old_logprobs, adv, mask, rollout, entropy, response_ids)
+    return combine([m(inputs) for m in masks], mask)  # over components, not tokens
 
 
 def combine(outputs: list[MaskOutput], mask: Tensor) -> MaskOutput | None:

@@ -23,7 +23,7 @@ from gspo_lightning.components.aggregation import (
 )
 from gspo_lightning.components.clip import Clip
 from gspo_lightning.components.kl import K1KL, KL
-from gspo_lightning.components.masks import MaskInputs, TokenMask, add_optional, combine
+from gspo_lightning.components.masks import TokenMask, add_optional, apply_masks
 from gspo_lightning.components.ratio import Ratio
 from gspo_lightning.ops import masked_fill_padding, seq_lengths
 
@@ -133,7 +133,7 @@ class PolicyObjective(nn.Module):
         log_ratio = self.ratio(lp, old, mask)
         out = self.clip(log_ratio, advantages, mask) if self._clip_takes_mask else self.clip(log_ratio, advantages)
         per_token, metrics = out.loss, self._clip_metrics(out.ratio, out.clipped_low, out.clipped_high, mask)
-        masked = self._masks(lp, old, advantages, mask, rollout_logprobs)
+        masked = apply_masks(list(self.masks), lp, old, advantages, mask, rollout_logprobs)
         if masked is not None:
             metrics.update(masked.metrics)
             token_weights = masked.weights if token_weights is None else token_weights.detach() * masked.weights
@@ -160,15 +160,6 @@ class PolicyObjective(nn.Module):
         elif self.uses_kl:
             raise ValueError("kl_coef > 0 but no ref_logprobs were given: the reference model's log-probs are needed.")
         return ObjectiveOutput(loss=loss, metrics=metrics)
-
-    def _masks(self, lp: Tensor, old: Tensor, advantages: Tensor, mask: Tensor, rollout: Tensor | None):
-        if not len(self.masks):
-            return None
-        adv = advantages.detach()
-        adv = masked_fill_padding((adv[:, None] if adv.dim() == 1 else adv).expand_as(lp), mask)
-        rollout = None if rollout is None else masked_fill_padding(rollout.detach(), mask)
-        inputs = MaskInputs(lp, old, adv.to(lp.dtype), mask, rollout_logprobs=rollout)
-        return combine([m(inputs) for m in self.masks], mask)  # over components, not tokens
 
     @staticmethod
     def _clip_metrics(ratio: Tensor, low: Tensor, high: Tensor, mask: Tensor) -> dict[str, Tensor]:

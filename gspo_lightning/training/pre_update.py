@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from gspo_lightning.batch import RolloutBatch
 from gspo_lightning.components.advantage import Advantage
 from gspo_lightning.components.kl import KL
-from gspo_lightning.components.masks import MaskInputs, TokenMask, combine
+from gspo_lightning.components.masks import TokenMask, apply_masks
 from gspo_lightning.components.mismatch import MismatchCorrection
 from gspo_lightning.moe.routing import RoutingController, rollout_mismatch_counts, routing_context
 from gspo_lightning.ops import seq_sum
@@ -257,7 +257,10 @@ class PreUpdatePass:
             penalised = batch.rewards - penalty
         with_rewards = dataclasses.replace(batch, old_logprobs=old, ref_logprobs=ref, penalised_rewards=penalised)
         advantages = self.advantage(with_rewards)
-        masked = self._masks(batch, old, advantages, entropy)
+        # pi_old is the policy these statistics describe, over the whole rollout batch
+        masked = apply_masks(
+            self.masks, old, old, advantages, batch.response_mask, batch.rollout_logprobs, entropy, batch.response_ids
+        )
         token_kl_coef = None
         if masked is not None:
             is_weights = masked.weights if is_weights is None else is_weights * masked.weights
@@ -275,20 +278,6 @@ class PreUpdatePass:
             penalised_rewards=penalised,
             metrics=metrics,
         )
-
-    def _masks(self, batch: RolloutBatch, old: Tensor, advantages: Tensor, entropy: Tensor | None):
-        """The pre-update token masks on the whole rollout batch, pi_old's statistics (None without masks)."""
-        if not self.masks:
-            return None
-        mask = batch.response_mask
-        adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(old)
-        rollout = batch.rollout_logprobs
-        inputs = MaskInputs(
-            logprobs=old, old_logprobs=old, advantages=adv.masked_fill(~mask, 0.0).to(old.dtype), response_mask=mask,
-            rollout_logprobs=None if rollout is None else rollout.masked_fill(~mask, 0.0), entropy=entropy,
-            response_ids=batch.response_ids,
-        )  # fmt: skip
-        return combine([m(inputs) for m in self.masks], mask)
 
     def _old_logprobs(
         self, batch: RolloutBatch, policy: nn.Module, routing: RoutingController | None, agree: Callable | None
