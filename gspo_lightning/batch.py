@@ -26,7 +26,9 @@ class RolloutBatch:
     Attributes:
         input_ids: (N, P+T) int64, left-padded prompt followed by right-padded response.
         attention_mask: (N, P+T) bool, True on real prompt and response tokens.
-        response_mask: (N, T) bool, True on real response tokens (the sampled tokens that are trained on).
+        response_mask: (N, T) bool, True on the sampled tokens that are trained on: every real response token, or in
+            a multi-turn trajectory the model's turns only (its appended tool / environment tokens are real,
+            ``attention_mask`` is True on them, but they are context, never trained on).
         rewards: (N,) float32, the scalar reward of each sequence, as the reward functions scored it.
         penalised_rewards: (N,) float32, ``rewards`` less the KL penalty when the KL term is applied in the
             reward (``model.loss.kl_in_reward``), or None. Advantages read :attr:`advantage_rewards`.
@@ -118,6 +120,14 @@ class RolloutBatch:
     def response_ids(self) -> Tensor:
         """(N, T) the sampled response tokens."""
         return self.input_ids[:, self.prompt_width :]
+
+    @property
+    def response_spans(self) -> Tensor:
+        """(N,) columns after the prompt up to each sequence's last trained token: its response length, or for a
+        multi-turn trajectory its model and appended tokens up to the last model token (what a forward computes)."""
+        t = self.response_mask.shape[1]
+        last = torch.where(self.response_mask, torch.arange(1, t + 1, device=self.response_mask.device), 0)
+        return last.max(-1).values if t else self.response_mask.sum(-1)
 
     @property
     def response_lengths(self) -> Tensor:

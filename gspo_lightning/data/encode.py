@@ -53,6 +53,7 @@ def prompt_texts(
     tokenizer: PreTrainedTokenizerBase,
     use_template: bool,
     system_prompt: str | None = None,
+    tools: list[dict] | None = None,
 ) -> list[str]:
     """The text fed to the tokenizer for each record: the raw prompt, or the rendered chat template (a record's
     own conversation, ``PromptRecord.messages``, when it has one; ``system_prompt`` goes first unless the
@@ -76,7 +77,8 @@ def prompt_texts(
         return [r.text for r in records]
     system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     conversations = [_conversation(r, system) for r in records]
-    texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
+    declared = {"tools": tools} if tools else {}  # the tools' JSON schemas, rendered by the template
+    texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True, **declared)
     return [texts] if isinstance(texts, str) else list(texts)
 
 
@@ -105,6 +107,7 @@ def encode_prompts(
     on_overlong: Literal["drop", "error"] = "drop",
     chat_template: bool | None = None,
     system_prompt: str | None = None,
+    tools: list[dict] | None = None,
 ) -> tuple[list[EncodedPrompt], int]:
     """Tokenise ``records`` in one batched call and filter out prompts longer than ``max_prompt_length``.
 
@@ -116,6 +119,7 @@ def encode_prompts(
         chat_template: ``None`` applies the tokenizer's chat template when it has one; ``True`` requires one;
             ``False`` feeds the raw text.
         system_prompt: a system message put before each prompt (needs a chat template).
+        tools: JSON schemas of the tools the model may call, rendered by the chat template (needs one).
 
     Returns:
         The kept prompts (input order) and how many were dropped.
@@ -129,8 +133,8 @@ def encode_prompts(
         raise ValueError(f"on_overlong must be 'drop' or 'error', got {on_overlong!r}.")
     if not records:
         return [], 0
-    use_template = uses_chat_template(tokenizer, chat_template)
-    texts = prompt_texts(records, tokenizer, use_template, system_prompt)
+    use_template = uses_chat_template(tokenizer, True if tools else chat_template)
+    texts = prompt_texts(records, tokenizer, use_template, system_prompt, tools)
     special = {"add_special_tokens": False} if use_template else {}
     all_ids = tokenizer(texts, return_attention_mask=False, verbose=False, **special)["input_ids"]
     bos_id = tokenizer.bos_token_id

@@ -1,6 +1,7 @@
 """Synthetic, verifiable prompt tasks generated in memory (no files, no downloads).
 
-:class:`AdditionTask` is the built-in task of the demo: prompts ``"a+b="`` with reference answer ``a+b``.
+:class:`AdditionTask` is the built-in task of the demo: prompts ``"a+b="`` with reference answer ``a+b``;
+:class:`MultiplicationTask` that of the agent demo, ``"a*b"`` -> ``a*b``, which a tiny model solves only with a tool.
 Every split holds distinct ``(a, b)`` pairs, and no pair is in both splits, so the held-out accuracy
 measures generalisation to unseen sums.
 """
@@ -124,3 +125,51 @@ class AdditionTask(PromptSource):
                 text, answer = f"{a}+{b}=", str(a + b)
             records.append(PromptRecord(text=text, answer=answer, index=i))
         return records
+
+
+@PROMPT_SOURCES.register
+class MultiplicationTask(PromptSource):
+    """Built-in task of the agent demo: n-digit products ``'a*b'`` -> ``' c'`` (the answer after one space).
+
+    Made to be solved with a tool (``gspo_lightning.demo.tools.multiply``): a tiny model cannot multiply two
+    2-digit numbers, but it can copy them into a tool call and the result into its answer. Splits hold distinct
+    ``(a, b)`` pairs, disjoint between train and held-out, as :class:`AdditionTask`'s.
+
+    Args:
+        num_digits: the largest operand has this many digits.
+        num_train: distinct pairs in the train split.
+        num_val: distinct pairs in the held-out split.
+        seed: seed of the generator.
+    """
+
+    def __init__(self, num_digits: int = 2, num_train: int = 9000, num_val: int = 500, seed: int = 0) -> None:
+        if num_digits < 1 or num_train < 1 or num_val < 0:
+            raise ValueError(
+                f"Need num_digits >= 1, num_train >= 1, num_val >= 0; got {num_digits}, {num_train}, {num_val}."
+            )
+        self.base = 10**num_digits
+        if num_train + num_val > self.base**2:
+            raise ValueError(
+                f"{num_digits}-digit multiplication has {self.base**2} distinct pairs, fewer than num_train + num_val"
+                f" = {num_train + num_val}: lower them or raise num_digits."
+            )
+        self.num_digits, self.num_train, self.num_val, self.seed = num_digits, num_train, num_val, seed
+        self._splits: tuple[list[PromptRecord], list[PromptRecord]] | None = None
+
+    def train(self) -> list[PromptRecord]:
+        return self._generate()[0]
+
+    def validation(self) -> list[PromptRecord]:
+        return self._generate()[1]
+
+    def _generate(self) -> tuple[list[PromptRecord], list[PromptRecord]]:
+        if self._splits is None:
+            total, tag = self.base**2, f"multiplication-{self.num_digits}-{self.seed}"
+            val = distinct_codes(random.Random(f"{tag}-val"), total, self.num_val)
+            train = distinct_codes(random.Random(f"{tag}-train"), total, self.num_train, frozenset(val))
+            self._splits = (self._records(train), self._records(val))
+        return self._splits
+
+    def _records(self, codes: list[int]) -> list[PromptRecord]:
+        pairs = [divmod(code, self.base) for code in codes]
+        return [PromptRecord(text=f"{a}*{b}", answer=str(a * b), index=i) for i, (a, b) in enumerate(pairs)]

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from gspo_lightning.data.tasks import AdditionTask
-from gspo_lightning.demo.tokenizer import build_char_tokenizer
+from gspo_lightning.demo.tokenizer import build_char_tokenizer, build_chat_tokenizer
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,9 @@ class DemoSpec:
     sft_probe_size: int = 256
     seed: int = 0
     version: int = 2
+    task: str = "addition"  # "multiplication-tools": the agent demo (tool-use warm-up traces)
+    tool_use_rate: float = 0.0  # share of warm-up traces that call the tool (the rest answer directly)
+    context: int = 64  # max_position_embeddings
 
 
 BUILTINS: dict[str, DemoSpec] = {
@@ -64,6 +67,11 @@ BUILTINS: dict[str, DemoSpec] = {
         num_layers=4, num_experts=16, num_digits=6, reverse_digits=True, sft_steps=1500
     ),
     "tiny-qwen3-moe16-random": DemoSpec(num_layers=4, num_experts=16, num_digits=6, reverse_digits=True, sft_steps=0),
+    # the agent demo (configs/tool_demo.yaml): 2-digit products, a multiply tool called in a quarter of the
+    # warm-up traces; a fixed number of warm-up steps (greedy decoding answers directly, so no accuracy probe)
+    "tiny-qwen3-moe-calculator": DemoSpec(
+        task="multiplication-tools", tool_use_rate=0.25, context=128, sft_steps=800, sft_target_accuracy=None
+    ),
 }
 
 
@@ -86,7 +94,7 @@ def demo_config(
         head_dim=spec.head_dim,
         num_experts=spec.num_experts,
         num_experts_per_tok=spec.experts_per_token,
-        max_position_embeddings=64,
+        max_position_embeddings=spec.context,
         pad_token_id=pad_id,
         eos_token_id=eos_id,
         bos_token_id=bos_id,
@@ -168,7 +176,12 @@ def supervised_warmup(model: Qwen3MoeForCausalLM, tokenizer, spec: DemoSpec) -> 
     return {"steps": steps, "probe_accuracy": accuracy}
 
 
-LATER_FIELDS = {"reverse_digits": False}  # fields added after models were cached: left out at their default
+LATER_FIELDS = {
+    "reverse_digits": False,
+    "task": "addition",
+    "tool_use_rate": 0.0,
+    "context": 64,
+}  # fields added after models were cached: left out at their default
 
 
 def _spec_hash(spec: DemoSpec) -> str:
@@ -189,12 +202,17 @@ def prepare_builtin(name: str, root: Path | None = None) -> Path:
     rank_zero_info(f"Building the built-in model {name} (a supervised warm-up, once; cached in {target.parent})")
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        alphabet = "0123456789+="
-        tokenizer = build_char_tokenizer(alphabet, save_dir=tmp)
+        tools = spec.task == "multiplication-tools"
+        tokenizer = build_chat_tokenizer(save_dir=tmp) if tools else build_char_tokenizer("0123456789+=", save_dir=tmp)
         model = build_model(
             spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
         )
-        warmup = supervised_warmup(model, tokenizer, spec)
+        if tools:
+            from gspo_lightning.demo.tool_warmup import tool_warmup
+
+            warmup = tool_warmup(model, tokenizer, spec)
+        else:
+            warmup = supervised_warmup(model, tokenizer, spec)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         # is_main_process: under torch.distributed transformers would otherwise write on rank 0 only

@@ -54,3 +54,51 @@ def build_char_tokenizer(
     if save_dir is not None:
         tokenizer.save_pretrained(str(save_dir))
     return tokenizer
+
+
+USER, ASSISTANT, SYSTEM = "<|user|>", "<|assistant|>", "<|system|>"
+TOOL_TAGS: tuple[str, ...] = (
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<tools>",
+    "</tools>",
+)
+CHAT_ALPHABET = '0123456789+-*=()[]{}":,. _abcdefghijklmnopqrstuvwxyz'
+
+# A compact tool-capable template in the Hermes / Qwen style: the tools' names are declared up front, the
+# assistant's tool calls are <tool_call>{json}</tool_call>, consecutive tool results share one user turn as
+# <tool_response>...</tool_response>, and every turn ends with the EOS token the model samples.
+CHAT_TEMPLATE = (
+    "{%- if tools %}<tools>{% for t in tools %}{{ t.function.name if t.function is defined else t.name }}"
+    "{% if not loop.last %},{% endif %}{% endfor %}</tools>{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'system' %}<|system|>{{ m.content }}<eos>"
+    "{%- elif m.role == 'user' %}<|user|>{{ m.content }}<eos>"
+    "{%- elif m.role == 'assistant' %}<|assistant|>{{ m.content or '' }}"
+    "{%- for c in (m.tool_calls or []) %}<tool_call>"
+    '{"name":"{{ c.function.name }}","arguments":{{ c.function.arguments | tojson }}}</tool_call>{% endfor %}<eos>'
+    "{%- elif m.role == 'tool' %}"
+    "{%- if loop.previtem is not defined or loop.previtem.role != 'tool' %}<|user|>{% endif %}"
+    "<tool_response>{{ m.content }}</tool_response>"
+    "{%- if loop.nextitem is not defined or loop.nextitem.role != 'tool' %}<eos>{% endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_chat_tokenizer(alphabet: str = CHAT_ALPHABET, save_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer with role tokens, Hermes-style tool tags and a tool-capable chat template.
+
+    Role markers (``<|user|>``, ``<|assistant|>``, ``<|system|>``) are special tokens (dropped when decoding with
+    ``skip_special_tokens``); the tool tags are ordinary added tokens, so a decoded turn keeps its
+    ``<tool_call>...</tool_call>`` for the parser. Ids: the four specials, the alphabet, the role tokens, the tags.
+    """
+    tokenizer = build_char_tokenizer(alphabet)
+    tokenizer.add_special_tokens({"additional_special_tokens": [USER, ASSISTANT, SYSTEM]})
+    tokenizer.add_tokens(list(TOOL_TAGS))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    if save_dir is not None:
+        tokenizer.save_pretrained(str(save_dir))
+    return tokenizer

@@ -63,6 +63,9 @@ class Generation:
         route_mask: (N, P+T) bool, True where ``routes`` holds what the engine ran: real prompt tokens and every
             response token the engine fed back, so all but possibly the last (nothing reads the last one's
             route: the log-prob of response token j comes from column P-1+j).
+        loss_mask: (N, T) bool, True on the tokens the engine sampled, for multi-turn trajectories whose responses
+            also hold appended tool / environment tokens (``response_mask`` covers both); None: ``response_mask``.
+        trajectories: the :class:`~gspo_lightning.agents.trajectory.Trajectory` of each row (multi-turn), or None.
     """
 
     prompt_ids: Tensor
@@ -73,6 +76,13 @@ class Generation:
     logprobs: Tensor | None = None
     routes: Tensor | None = None
     route_mask: Tensor | None = None
+    loss_mask: Tensor | None = None
+    trajectories: list | None = None
+
+    @property
+    def sampled_mask(self) -> Tensor:
+        """(N, T) the tokens the engine sampled (what is trained on)."""
+        return self.response_mask if self.loss_mask is None else self.loss_mask
 
 
 class RolloutEngine(ABC):
@@ -133,8 +143,19 @@ class RolloutEngine(ABC):
         """Whether ``bind`` has been called."""
 
     @abstractmethod
-    def generate(self, prompt_ids: list[list[int]], num_samples: int, greedy: bool = False) -> Generation:
-        """Sample ``num_samples`` completions for each prompt (greedy decoding when ``greedy``)."""
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        num_samples: int,
+        greedy: bool = False,
+        max_new_tokens: list[int] | None = None,
+    ) -> Generation:
+        """Sample ``num_samples`` completions for each prompt (greedy decoding when ``greedy``).
+
+        ``max_new_tokens`` (one per prompt, each at most ``sampling.max_new_tokens``) lowers the limit of single
+        prompts: the multi-turn loop passes what is left of each trajectory's token budget. A completion cut by
+        its own limit before EOS is ``truncated``.
+        """
 
     def sync_weights(self, policy: nn.Module) -> bool:
         """Receive the updated policy weights after an optimizer step; returns whether weights were copied (an
@@ -155,6 +176,24 @@ def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
             ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
             mask[i, width - len(seq) :] = True
     return ids, mask
+
+
+def limit_rows(mask: Tensor, truncated: Tensor, limits: list[int] | None, eos_seen: Tensor) -> tuple[Tensor, Tensor]:
+    """``mask`` cut to each row's own token limit, and the truncation flags updated for the rows it cut.
+
+    Args:
+        mask: (N, T) real response tokens.
+        truncated: (N,) the flags at the call's limit.
+        limits: one limit per row, or None (no change).
+        eos_seen: (N, T) bool, True where the token is an end-of-sequence token.
+    """
+    if limits is None:
+        return mask, truncated
+    limit = torch.as_tensor(limits, dtype=torch.long)[:, None]
+    kept = mask & (torch.arange(mask.shape[1])[None, :] < limit)
+    cut = kept.sum(1) < mask.sum(1)
+    ended = (eos_seen & kept).any(1)
+    return kept, torch.where(cut, ~ended, truncated)
 
 
 def response_mask_until_eos(response_ids: Tensor, eos_ids: Tensor, max_new_tokens: int) -> tuple[Tensor, Tensor]:

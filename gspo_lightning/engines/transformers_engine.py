@@ -17,7 +17,14 @@ from transformers import (
 )
 
 from gspo_lightning.adapters import transformers_model
-from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine, pad_left, response_mask_until_eos
+from gspo_lightning.engines.base import (
+    ENGINES,
+    Generation,
+    RolloutEngine,
+    limit_rows,
+    pad_left,
+    response_mask_until_eos,
+)
 from gspo_lightning.moe.capture import GenerationRoutes
 from gspo_lightning.moe.layout import moe_layout
 from gspo_lightning.sharding import is_sharded
@@ -116,7 +123,13 @@ class TransformersEngine(RolloutEngine):
         return self.policy is not None
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], num_samples: int, greedy: bool = False) -> Generation:
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        num_samples: int,
+        greedy: bool = False,
+        max_new_tokens: list[int] | None = None,
+    ) -> Generation:
         if self.policy is None:
             raise RuntimeError("TransformersEngine.generate called before bind(policy).")
         tok = self.tokenizer
@@ -126,6 +139,7 @@ class TransformersEngine(RolloutEngine):
         ids, mask = pad_left(prompt_ids, pad_id)
         device = next(self.policy.parameters()).device
         s = self.sampling
+        limit = s.max_new_tokens if max_new_tokens is None else max(1, min(s.max_new_tokens, max(max_new_tokens)))
         # every sampling parameter comes from SamplingConfig: top_k=0 switches off transformers' default of 50
         sample = {"do_sample": True, "temperature": s.temperature, "top_p": 1.0, "top_k": 0}
         kwargs = {"do_sample": False} if greedy else sample
@@ -152,7 +166,7 @@ class TransformersEngine(RolloutEngine):
                     out = self.policy.generate(
                         input_ids=ids[start : start + step].to(device),
                         attention_mask=mask[start : start + step].to(device).long(),
-                        max_new_tokens=s.max_new_tokens,
+                        max_new_tokens=limit,
                         num_return_sequences=num_samples,
                         pad_token_id=pad_id,
                         eos_token_id=eos_ids.tolist(),
@@ -174,7 +188,11 @@ class TransformersEngine(RolloutEngine):
             hf_model.generation_config = checkpoint_config
         width = max(c.shape[1] for c in chunks)
         response = torch.cat([nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
-        response_mask, truncated = response_mask_until_eos(response, eos_ids, s.max_new_tokens)
+        response_mask, truncated = response_mask_until_eos(response, eos_ids, limit)
+        if max_new_tokens is not None:  # each row's own limit (what is left of a trajectory's token budget)
+            rows = [m for m in max_new_tokens for _ in range(num_samples)]
+            is_eos = torch.isin(response, eos_ids)
+            response_mask, truncated = limit_rows(response_mask, truncated, rows, is_eos)
         response = response.masked_fill(~response_mask, pad_id)
         logprobs = None
         if logprob_chunks:

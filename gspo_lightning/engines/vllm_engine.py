@@ -316,7 +316,13 @@ class VLLMEngine(RolloutEngine):
 
     # -- generation -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], num_samples: int, greedy: bool = False) -> Generation:
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        num_samples: int,
+        greedy: bool = False,
+        max_new_tokens: list[int] | None = None,
+    ) -> Generation:
         if self.llm is None:
             raise RuntimeError("VLLMEngine.generate called before bind(policy).")
         tok = self.tokenizer
@@ -324,10 +330,12 @@ class VLLMEngine(RolloutEngine):
         eos = tok.eos_token_id
         stop = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         kwargs = sampling_params_kwargs(self.sampling, num_samples, greedy, stop, self._top_k_off)
-        requests = list(zip(prompt_ids, request_seeds(len(prompt_ids), greedy), strict=True))
+        limits = max_new_tokens or [self.sampling.max_new_tokens] * len(prompt_ids)
+        limits = [max(1, min(self.sampling.max_new_tokens, m)) for m in limits]
+        requests = list(zip(prompt_ids, request_seeds(len(prompt_ids), greedy), limits, strict=True))
         all_requests, mine = self._tensor_parallel_prompts(requests)  # peers run the same requests, same seeds
-        all_prompts = [p for p, _ in all_requests]
-        params = [self._sampling_params(**kwargs, seed=seed) for _, seed in all_requests]
+        all_prompts = [p for p, _, _ in all_requests]
+        params = [self._sampling_params(**{**kwargs, "max_tokens": m}, seed=seed) for _, seed, m in all_requests]
         self._wake(("weights", "kv_cache"))
         if self._routes is not None:
             self._routes.begin()

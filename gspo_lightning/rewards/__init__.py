@@ -11,6 +11,7 @@ from gspo_lightning.rewards.combine import WeightedReward, compute_rewards
 from gspo_lightning.rewards.format import RegexFormatReward
 from gspo_lightning.rewards.function import FunctionReward
 from gspo_lightning.rewards.overlong import OverlongPenalty
+from gspo_lightning.rewards.trajectory import TrajectoryReward
 
 __all__ = [
     "REWARDS",
@@ -22,6 +23,7 @@ __all__ = [
     "Reward",
     "RewardError",
     "RewardInputs",
+    "TrajectoryReward",
     "WeightedReward",
     "compute_rewards",
 ]

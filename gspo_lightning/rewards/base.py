@@ -62,6 +62,9 @@ class RewardInputs:
         max_new_tokens: the generation limit.
         extras: column name -> N values: the prompt rows' other columns (e.g. test cases), repeated G times
             like ``answers``; function rewards receive them as keyword arguments.
+        transcripts: for multi-turn trajectories, each one's text after the prompt (every turn, tool calls and
+            results, special tokens kept); ``completions`` then hold each final model turn. None for single turn.
+        trajectory_rewards: (N,) the environment's (or rollout function's) return of each trajectory, or None.
     """
 
     prompts: list[str]
@@ -71,9 +74,17 @@ class RewardInputs:
     truncated: Tensor
     max_new_tokens: int
     extras: dict[str, list[Any]] = field(default_factory=dict)
+    transcripts: list[str] | None = None
+    trajectory_rewards: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = len(self.completions)
+        if self.transcripts is not None and len(self.transcripts) != n:
+            raise ValueError(f"RewardInputs: {len(self.transcripts)} transcripts for {n} completions.")
+        if self.trajectory_rewards is not None:
+            self.trajectory_rewards = torch.as_tensor(self.trajectory_rewards, dtype=torch.float32)
+            if self.trajectory_rewards.shape != (n,):
+                raise ValueError(f"RewardInputs: trajectory_rewards must have shape ({n},).")
         self.response_lengths = torch.as_tensor(self.response_lengths, dtype=torch.int64)
         self.truncated = torch.as_tensor(self.truncated, dtype=torch.bool).to(self.response_lengths.device)
         got = (len(self.prompts), len(self.answers), self.response_lengths.shape, self.truncated.shape)

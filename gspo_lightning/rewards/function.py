@@ -10,7 +10,7 @@ from torch import Tensor
 
 from gspo_lightning.rewards.base import REWARDS, Reward, RewardInputs
 
-EXTRA_KWARGS = ("response_lengths", "truncated", "max_new_tokens")
+EXTRA_KWARGS = ("response_lengths", "truncated", "max_new_tokens", "transcripts", "trajectory_rewards")
 
 
 def _accepted_kwargs(fn: Callable[..., Any]) -> tuple[frozenset[str], bool]:
@@ -47,9 +47,10 @@ class FunctionReward(Reward):
 
     ``fn`` receives three lists of N strings (answers may hold None) and, as keyword arguments where its
     signature accepts them (all of them with ``**kwargs``), ``response_lengths`` ((N,) int64 tensor),
-    ``truncated`` ((N,) bool tensor), ``max_new_tokens`` (int) and the prompt rows' other columns
-    (``RewardInputs.extras``: lists of N values, e.g. ``test_cases``), as TRL passes dataset columns. It
-    returns N scores as a list of numbers (None or text is refused, naming the
+    ``truncated`` ((N,) bool tensor), ``max_new_tokens`` (int), for multi-turn rollouts ``transcripts`` (N texts
+    of whole trajectories) and ``trajectory_rewards`` ((N,) tensor; both None for single turn), and the prompt
+    rows' other columns (``RewardInputs.extras``: lists of N values, e.g. ``test_cases``), as TRL passes dataset
+    columns. It returns N scores as a list of numbers (None or text is refused, naming the
     sample), an (N,) tensor or array, or a generator of N numbers. In YAML::
 
         reward:

@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gspo_lightning.agents.metrics import agent_metrics
+from gspo_lightning.agents.sampler import Sampler
+from gspo_lightning.agents.trajectory import last_model_run
 from gspo_lightning.batch import RolloutBatch
 from gspo_lightning.data.encode import EncodedPrompt
 from gspo_lightning.engines.base import Generation, RolloutEngine
@@ -22,9 +25,25 @@ from gspo_lightning.rewards.combine import compute_rewards
 
 
 def decode_responses(tokenizer, generation: Generation) -> list[str]:
-    """Decoded completions, special tokens stripped (one batched call)."""
+    """Decoded completions, special tokens stripped (one batched call); for multi-turn trajectories, the text of
+    each one's last model turn (what ``data.rewards`` score)."""
+    if generation.trajectories is not None:
+        return [
+            t.final_text if t.final_text is not None else tokenizer.decode(last_model_run(t), skip_special_tokens=True)
+            for t in generation.trajectories
+        ]
     ids = generation.response_ids.masked_fill(~generation.response_mask, tokenizer.pad_token_id)
     return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
+
+
+def transcripts(tokenizer, generation: Generation) -> list[str] | None:
+    """Each multi-turn trajectory after its prompt, decoded with its special tokens (turns, tool calls, tool
+    results readable), or None for single-turn rollouts."""
+    if generation.trajectories is None:
+        return None
+    texts = tokenizer.batch_decode([t.completion_ids for t in generation.trajectories], skip_special_tokens=False)
+    pad = tokenizer.pad_token
+    return [text.replace(pad, "") if pad else text for text in texts]
 
 
 def reward_inputs(
@@ -33,17 +52,22 @@ def reward_inputs(
     completions: list[str],
     num_samples: int,
     max_new_tokens: int,
+    texts: list[str] | None = None,
 ) -> RewardInputs:
-    """What the rewards see of N = len(prompts) * G completions (samples of a prompt adjacent)."""
+    """What the rewards see of N = len(prompts) * G completions (samples of a prompt adjacent); multi-turn
+    trajectories add their transcripts ``texts`` and their environment returns."""
     columns = dict.fromkeys(k for p in prompts for k in p.record.extras)
+    trajectories = generation.trajectories
     return RewardInputs(
         extras={k: [p.record.extras.get(k) for p in prompts for _ in range(num_samples)] for k in columns},
         prompts=[p.record.text for p in prompts for _ in range(num_samples)],
         completions=completions,
         answers=[p.record.answer for p in prompts for _ in range(num_samples)],
-        response_lengths=generation.response_mask.sum(-1),
+        response_lengths=generation.sampled_mask.sum(-1),
         truncated=generation.truncated,
         max_new_tokens=max_new_tokens,
+        transcripts=texts,
+        trajectory_rewards=None if trajectories is None else torch.tensor([t.reward for t in trajectories]),
     )
 
 
@@ -76,6 +100,7 @@ class RolloutCollector:
 
     Args:
         engine: the rollout engine (already configured and bound).
+        sampler: how sequences are produced from the engine (single turn by default, or multi-turn trajectories).
         tokenizer: the policy's tokenizer.
         rewards / reward_weights: the reward functions and their weights.
         num_samples: G.
@@ -96,8 +121,10 @@ class RolloutCollector:
         max_new_tokens: int,
         dynamic_sampling: bool = False,
         max_sampling_rounds: int = 3,
+        sampler: Sampler | None = None,
     ) -> None:
         self.engine = engine
+        self.sampler = sampler or Sampler(engine)
         self.tokenizer = tokenizer
         self.rewards = list(rewards)
         self.reward_weights = reward_weights
@@ -118,11 +145,12 @@ class RolloutCollector:
             rounds += 1
             prompts = next_prompts(num_prompts - len(kept))
             start = time.perf_counter()
-            generation = self.engine.generate([p.input_ids for p in prompts], g)
+            generation = self.sampler.sample(prompts, g)
             gen_time += time.perf_counter() - start
             start = time.perf_counter()
             completions = decode_responses(self.tokenizer, generation)
-            inputs = reward_inputs(prompts, generation, completions, g, self.max_new_tokens)
+            texts = transcripts(self.tokenizer, generation)
+            inputs = reward_inputs(prompts, generation, completions, g, self.max_new_tokens, texts)
             total, terms = compute_rewards(self.rewards, self.reward_weights, inputs)
             reward_time += time.perf_counter() - start
             group_ids = torch.arange(len(prompts)).repeat_interleave(g)
@@ -138,13 +166,15 @@ class RolloutCollector:
                     "prompt_mask": generation.prompt_mask[rows],
                     "response_ids": generation.response_ids[rows],
                     "response_mask": generation.response_mask[rows],
+                    "loss_mask": generation.sampled_mask[rows],
+                    "trajectories": None if generation.trajectories is None else generation.trajectories[rows],
                     "truncated": generation.truncated[rows],
                     "logprobs": None if generation.logprobs is None else generation.logprobs[rows],
                     "routes": None if generation.routes is None else generation.routes[rows],
                     "route_mask": None if generation.route_mask is None else generation.route_mask[rows],
                     "rewards": total[rows],
                     "terms": {k: v[rows] for k, v in terms.items()},
-                    "completions": completions[rows],
+                    "completions": (texts or completions)[rows],
                 }
                 (kept if informative[i] or not self.dynamic_sampling else dropped).append(group)
             if self.dynamic_sampling and rounds >= self.max_sampling_rounds and len(kept) < num_prompts:
@@ -165,17 +195,18 @@ class RolloutCollector:
         prompt_ids = _cat([gr["prompt_ids"] for gr in groups], pad, left=True)
         prompt_mask = _cat([gr["prompt_mask"] for gr in groups], False, left=True)
         response_ids = _cat([gr["response_ids"] for gr in groups], pad)
-        response_mask = _cat([gr["response_mask"] for gr in groups], False)
+        response_mask = _cat([gr["response_mask"] for gr in groups], False)  # every real token after the prompt
+        loss_mask = _cat([gr["loss_mask"] for gr in groups], False)  # the sampled ones
         logprobs = None
         if all(gr["logprobs"] is not None for gr in groups):
-            logprobs = _cat([gr["logprobs"] for gr in groups], 0).float()
+            logprobs = _cat([gr["logprobs"] for gr in groups], 0).float().masked_fill(~loss_mask, 0.0)
         rewards = torch.cat([gr["rewards"] for gr in groups])
         routes, route_mask = _join_routes(groups, prompt_ids.shape[1], response_ids.shape[1])
         g = self.num_samples
         batch = RolloutBatch(
             input_ids=torch.cat([prompt_ids, response_ids], 1),
             attention_mask=torch.cat([prompt_mask, response_mask], 1),
-            response_mask=response_mask,
+            response_mask=loss_mask,
             rewards=rewards,
             group_ids=torch.arange(len(groups)).repeat_interleave(g),
             rollout_logprobs=logprobs,
@@ -190,6 +221,8 @@ class RolloutCollector:
             engine_is_policy=self.engine.generates_with_policy,
         )
         batch.metrics.update(rollout_metrics(batch))
+        if groups[0]["trajectories"] is not None:
+            batch.metrics.update(agent_metrics([t for gr in groups for t in gr["trajectories"]]))
         return batch
 
 

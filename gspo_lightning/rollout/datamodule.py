@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,6 +13,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
+from gspo_lightning.agents.environment import Environment
+from gspo_lightning.agents.options import AgentOptions
+from gspo_lightning.agents.sampler import Sampler
+from gspo_lightning.agents.setup import build_sampler
+from gspo_lightning.agents.trajectory import Trajectory
 from gspo_lightning.batch import RolloutBatch
 from gspo_lightning.data.encode import EncodedPrompt, encode_prompts
 from gspo_lightning.data.prompts import PromptSource
@@ -92,6 +97,10 @@ class RolloutDataModule(pl.LightningDataModule):
         rollout: B prompts x G samples per rollout batch, dynamic sampling, the prompt order's seed.
         encoding: prompt length limit, chat template, system prompt.
         heldout: how many held-out prompts are evaluated, with how many samples, in what batches.
+        tools: functions (import paths in YAML) the model may call; rollouts become multi-turn trajectories.
+        environment: a stateful environment class, one instance per trajectory (multi-turn).
+        rollout_function: your own agent loop, returning token-level trajectories (multi-turn).
+        agent: multi-turn limits (turns, token budget, tool-response cap, tool timeout) and the tool-call parser.
     """
 
     def __init__(
@@ -106,6 +115,10 @@ class RolloutDataModule(pl.LightningDataModule):
         rollout: RolloutOptions = RolloutOptions(),  # noqa: B008 - frozen dataclasses: a shared default is safe
         encoding: EncodingOptions = EncodingOptions(),  # noqa: B008
         heldout: HeldOutOptions = HeldOutOptions(),  # noqa: B008
+        tools: list[Callable] | None = None,
+        environment: Callable[[], Environment] | None = None,
+        rollout_function: Callable[..., Sequence[Trajectory]] | None = None,
+        agent: AgentOptions = AgentOptions(),  # noqa: B008
     ) -> None:
         super().__init__()
         self.source = prompts if prompts is not None else AdditionTask()
@@ -117,6 +130,20 @@ class RolloutDataModule(pl.LightningDataModule):
         self.tokenizer_path = tokenizer
         self.sampling = sampling
         self.rollout, self.encoding, self.heldout = rollout, encoding, heldout
+        ways = [
+            name
+            for name, v in (("tools", tools), ("environment", environment), ("rollout_function", rollout_function))
+            if v
+        ]
+        if len(ways) > 1:
+            raise ValueError(
+                f"data.{' and data.'.join(ways)} are both set: pick one way into multi-turn rollouts (an environment's"
+                " public methods are its tools; a rollout function runs its own loop)."
+            )
+        self.tools, self.environment, self.rollout_function = list(tools or []), environment, rollout_function
+        self.agent = agent
+        self.sampler: Sampler | None = None
+        self._tool_schemas: list[dict] = []
         self.epoch = 0
         self.cursor = 0
         self.steps = 0
@@ -143,6 +170,7 @@ class RolloutDataModule(pl.LightningDataModule):
                 "RolloutDataModule needs a tokenizer: set data.tokenizer (normally linked to model.policy.path)."
             )
         self.tokenizer = load_tokenizer(self.tokenizer_path)
+        self.sampler, self._tool_schemas = build_sampler(self)
         rank, world = self.rank_and_world
         if self.rollout.prompts_per_step % world:
             raise ValueError(
@@ -170,6 +198,7 @@ class RolloutDataModule(pl.LightningDataModule):
             max_new_tokens=self.sampling.max_new_tokens,
             dynamic_sampling=self.rollout.dynamic_sampling,
             max_sampling_rounds=self.rollout.max_sampling_rounds,
+            sampler=self.sampler,
         )
 
     def _encode(self, records: list, split: str) -> list[EncodedPrompt]:
@@ -183,6 +212,7 @@ class RolloutDataModule(pl.LightningDataModule):
             on_overlong=self.encoding.on_overlong,
             chat_template=self.encoding.chat_template,
             system_prompt=self.encoding.system_prompt,
+            tools=self._tool_schemas or None,
         )
         if dropped:
             rank_zero_warn(
@@ -220,6 +250,15 @@ class RolloutDataModule(pl.LightningDataModule):
         prompts = [*(self._train or []), *self._val]
         longest = max((len(p.input_ids) for p in prompts), default=1)
         new = self.sampling.max_new_tokens
+        runner = getattr(self.sampler, "runner", None)
+        if runner is not None:  # multi-turn: the whole trajectory must fit, turn by turn
+            budget = self.agent.max_tokens
+            if isinstance(context, int) and budget is not None and budget > context:
+                raise ValueError(
+                    f"data.agent.max_tokens={budget} exceeds the model's context (max_position_embeddings={context}):"
+                    f" set it to at most {context}, or null for the context length."
+                )
+            runner.budget = budget if budget is not None else context
         if isinstance(context, int) and longest + new > context:
             raise ValueError(
                 f"data.sampling.max_new_tokens={new} does not fit the model's context (max_position_embeddings="
@@ -313,7 +352,7 @@ class RolloutDataModule(pl.LightningDataModule):
             yield result
 
     def _correct(self, prompts: list[EncodedPrompt], k: int, greedy: bool) -> Tensor:
-        generation = self.engine.generate([p.input_ids for p in prompts], k, greedy=greedy)
+        generation = self.sampler.sample(prompts, k, greedy=greedy)
         completions = decode_responses(self.tokenizer, generation)
         inputs = reward_inputs(prompts, generation, completions, k, self.sampling.max_new_tokens)
         return (self.accuracy_reward(inputs) > 0).view(len(prompts), k)

@@ -293,6 +293,7 @@ def response_logprobs(
     output_router_logits: bool = False,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     padding_free: bool = False,
+    loss_mask: Tensor | None = None,
 ) -> TokenLogprobs:
     """Log-probs of ``input_ids[:, -T:]`` given everything before them.
 
@@ -310,9 +311,14 @@ def response_logprobs(
             ``(N, T, V)`` logits at once (the reference implementation, and the fallback).
         padding_free: pack the real tokens into one row (see the module docstring); results keep the
             ``(N, T)`` layout.
+        loss_mask: (N, T) the response tokens to score (the sampled ones of a multi-turn trajectory, whose appended
+            tool / environment tokens are context only: they are forwarded, but get log-prob and entropy 0 and
+            never reach the head); None: every real response token.
     """
     t = response_width
     mask = attention_mask[:, -t:].bool() if t else attention_mask[:, :0].bool()
+    if loss_mask is not None:
+        mask = mask & loss_mask.bool()
     kwargs = {"output_router_logits": True} if output_router_logits else {}
     reason = _full_logits_reason(model) if chunk_size is not None else None
     if reason is not None:

@@ -95,7 +95,7 @@ def no_grad_logprobs(
             with routing_context(routing, micro.input_ids, micro.routing, replay, packed, micro.routing_mask, True):
                 out = response_logprobs(
                     model, micro.input_ids, micro.attention_mask, width, temperature, chunk_size=chunk_size,
-                    padding_free=padding_free, with_entropy=with_entropy,
+                    padding_free=padding_free, with_entropy=with_entropy, loss_mask=micro.response_mask,
                 )  # fmt: skip
             logprobs[index.to(logprobs.device), :width] = out.logprobs
             if entropy is not None:

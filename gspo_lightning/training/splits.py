@@ -79,7 +79,7 @@ def micro_batches(
     """
     if tokens is not None:
         prompts = batch.attention_mask[:, : batch.prompt_width].sum(-1)
-        index = token_budget_indices(prompts, batch.response_mask.sum(-1), tokens)
+        index = token_budget_indices(prompts, batch.response_spans, tokens)
     else:
         index = micro_batch_indices(len(batch), size)
     target = agree(len(index)) if agree is not None else len(index)

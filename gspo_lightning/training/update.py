@@ -86,6 +86,7 @@ class PolicyLoss:
             output_router_logits=want_router,
             chunk_size=self.chunk_size,
             padding_free=self.padding_free,
+            loss_mask=micro.response_mask,
         )
         # exactly on-policy there is no pi_old pass: pi_old = pi_theta, detached
         old = micro.old_logprobs if micro.old_logprobs is not None else out.logprobs.detach()
