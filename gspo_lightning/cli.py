@@ -50,11 +50,14 @@ DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 def registries() -> dict[str, Registry]:
     """Every registry users can pick from in YAML, by kind."""
     from gspo_lightning import COMPONENT_REGISTRIES
+    from gspo_lightning.agents import ENVIRONMENTS, TOOL_PARSERS
     from gspo_lightning.data.prompts import PROMPT_SOURCES
+    from gspo_lightning.demo import tools  # noqa: F401 (registers the built-in environment)
     from gspo_lightning.engines import ENGINES
     from gspo_lightning.rewards import REWARDS
 
-    return {**COMPONENT_REGISTRIES, "reward": REWARDS, "engine": ENGINES, "prompts": PROMPT_SOURCES}
+    kinds = {"reward": REWARDS, "engine": ENGINES, "prompts": PROMPT_SOURCES}
+    return {**COMPONENT_REGISTRIES, **kinds, "tool_parser": TOOL_PARSERS, "environment": ENVIRONMENTS}
 
 
 def list_components(kinds: Sequence[str] = ()) -> str:
@@ -73,7 +76,8 @@ def list_components(kinds: Sequence[str] = ()) -> str:
 
 
 LIST_HELP = (
-    "List the registered components (ratios, advantages, clips, KLs, token masks, rewards, engines, prompt sources)."
+    "List the registered components (ratios, advantages, clips, KLs, token masks, rewards, engines, prompt sources,"
+    " tool-call parsers, environments)."
 )
 PLAN_HELP = "Print the run's memory budget per device (no weights loaded): does it fit, and what to turn if not."
 

@@ -42,6 +42,27 @@ def make_batch(
     )
 
 
+def tool_args(root: Path, *extra: str, max_steps: int = 4, model: str = "builtin:tiny-qwen3-moe-calculator-random"):
+    """The agent demo shrunk: max_steps / 2 rollout batches of 2 prompts x 2 trajectories, 2 mini-batches each."""
+    return [
+        "--config", str(ROOT / "configs" / "tool_demo.yaml"),
+        "--model.policy.path", model,
+        "--model.update.mini_batches", "2",
+        "--data.prompts.init_args.num_train", "32",
+        "--data.prompts.init_args.num_val", "4",
+        "--data.rollout.prompts_per_step", "2",
+        "--data.rollout.num_samples", "2",
+        "--data.sampling.max_new_tokens", "24",
+        "--data.heldout.batch_size", "4",
+        "--data.heldout.num_samples", "2",
+        "--trainer.max_steps", str(max_steps),
+        "--trainer.val_check_interval", "2",
+        "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]  # fmt: skip
+
+
 def tiny_args(root: Path, *extra: str, max_steps: int = 4) -> list[str]:
     """A run of max_steps / 2 rollout batches of 4 prompts x 4 samples, 2 mini-batches each."""
     return [

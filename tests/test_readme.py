@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+import yaml
 from support import tiny_args
 
 from gspo_lightning.cli import DEMO_CONFIG, cli_main
@@ -67,3 +69,30 @@ def test_readme_run_command_runs_the_demo(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Held-out accuracy on" in result.stdout + result.stderr
     assert (tmp_path / "lightning_logs" / "version_0" / "heldout_report.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("module", "option", "value"),
+    [
+        ("my_env", "--data.environment", "my_env.Calculator"),
+        ("my_rollout", "--data.rollout_function", "my_rollout.one_call"),
+    ],
+    ids=["environment", "rollout-function"],
+)
+def test_the_agent_examples_train(tmp_path, monkeypatch, module, option, value):
+    from support import scalars, tool_args
+
+    (tmp_path / f"{module}.py").write_text(_block("python", f"# {module}.py"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = tool_args(tmp_path / "run", "--data.tools", "null", option, value, "--data.rewards", "[TrajectoryReward]")
+    cli = cli_main(["fit", *args, "--trainer.max_steps", "2"])
+    assert cli.trainer.global_step == 2
+    logged = scalars(tmp_path / "run" / "lightning_logs" / "version_0")
+    assert "rollout/trajectory_reward_mean" in logged and "rollout/turns_mean" in logged
+
+
+def test_the_tools_example_is_the_tool_demo_config():
+    block = yaml.safe_load(_block("yaml", "data:", contains="tools:"))
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tool_demo.yaml").read_text())
+    assert block["data"]["tools"] == config["data"]["tools"]
+    assert block["data"]["agent"]["max_turns"] == config["data"]["agent"]["max_turns"]

@@ -164,6 +164,7 @@ class AgentRunner:
             room = None if self.budget is None else self.budget - start
             end = None
             if room is not None and len(ids) > room:
+                room = max(room, 0)  # a prompt longer than the budget keeps no token (not ids[:-k])
                 ids, lps, end = ids[:room], lps[:room], "budget"
                 texts[r] = self.tokenizer.decode(ids, skip_special_tokens=True)
             s.extend(ids, lps, sampled=True)

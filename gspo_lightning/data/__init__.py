@@ -4,7 +4,7 @@ from gspo_lightning.data.encode import EncodedPrompt, encode_prompts, prompt_tex
 from gspo_lightning.data.hub import DatasetPrompts
 from gspo_lightning.data.prompts import PROMPT_SOURCES, FilePrompts, PromptRecord, PromptSource
 from gspo_lightning.data.rows import answer_to_str
-from gspo_lightning.data.tasks import AdditionTask
+from gspo_lightning.data.tasks import AdditionTask, MultiplicationTask
 
 __all__ = [
     "PROMPT_SOURCES",
@@ -12,6 +12,7 @@ __all__ = [
     "DatasetPrompts",
     "EncodedPrompt",
     "FilePrompts",
+    "MultiplicationTask",
     "PromptRecord",
     "PromptSource",
     "answer_to_str",

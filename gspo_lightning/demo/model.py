@@ -72,6 +72,7 @@ BUILTINS: dict[str, DemoSpec] = {
     "tiny-qwen3-moe-calculator": DemoSpec(
         task="multiplication-tools", tool_use_rate=0.25, context=128, sft_steps=800, sft_target_accuracy=None
     ),
+    "tiny-qwen3-moe-calculator-random": DemoSpec(task="multiplication-tools", context=128, sft_steps=0),
 }
 
 

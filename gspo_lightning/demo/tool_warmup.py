@@ -53,6 +53,8 @@ def tool_traces(tokenizer, n: int, tool_use_rate: float, seed: int) -> list[tupl
 
 def tool_warmup(model, tokenizer, spec) -> dict[str, float]:
     """Cross-entropy on the model tokens of ``spec.sft_steps x spec.sft_batch_size`` traces (right-padded)."""
+    if spec.sft_steps == 0:
+        return {"steps": 0, "probe_accuracy": float("nan")}
     traces = tool_traces(tokenizer, spec.sft_steps * spec.sft_batch_size, spec.tool_use_rate, spec.seed)
     width = max(len(ids) for ids, _ in traces)
     ids = torch.full((len(traces), width), tokenizer.pad_token_id, dtype=torch.long)
