@@ -50,9 +50,12 @@ DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 def registries() -> dict[str, Registry]:
     """Every registry users can pick from in YAML, by kind."""
     from gspo_lightning import COMPONENT_REGISTRIES
-    from gspo_lightning.agents import ENVIRONMENTS, TOOL_PARSERS
+    from gspo_lightning.agents import (
+        ENVIRONMENTS,
+        TOOL_PARSERS,
+        calculator,  # noqa: F401 (registers the built-in environment)
+    )
     from gspo_lightning.data.prompts import PROMPT_SOURCES
-    from gspo_lightning.demo import tools  # noqa: F401 (registers the built-in environment)
     from gspo_lightning.engines import ENGINES
     from gspo_lightning.rewards import REWARDS
 

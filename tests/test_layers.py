@@ -19,7 +19,7 @@ LAYERS = [
     {"components", "moe", "data"},  # loss components, MoE plumbing, prompt sources
     {"demo"},  # the built-in demo model (built from the built-in task)
     {"models", "adapters"},  # from_pretrained loading (resolves built-in names), peft adapters on a model
-    {"engines", "rewards"},  # the data side's stages after the prompts
+    {"engines", "rewards", "agents"},  # the data side's stages after the prompts; multi-turn trajectories
     {"rollout"},  # prompts -> engine -> rewards -> RolloutBatch, held-out evaluation, the data module, the seam
     {"training"},  # the trainer side's stages
     {"module"},

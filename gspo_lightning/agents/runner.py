@@ -3,7 +3,7 @@
 Each turn, every active trajectory's ids so far go to the engine in one ``generate`` call (one sample each;
 the first turn samples G per prompt); the sampled ids are appended exactly as returned, with the engine's
 log-probs and (for Rollout Routing Replay) the experts it chose; the environment answers each turn; the ids of
-its messages (only they are tokenised, :class:`~gspo_lightning.agents.chat.MessageRenderer`) are appended; the
+its messages (only they are tokenised, :class:`~gspo_lightning.data.chat.MessageRenderer`) are appended; the
 trajectories that ended drop out. Routes for a position are those of the first engine forward that ran it: a
 sampled token's from the turn that sampled it, an appended message's from the next turn's prefill.
 """
@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from gspo_lightning.agents.chat import MessageRenderer
 from gspo_lightning.agents.environment import Environment, Turn
 from gspo_lightning.agents.options import AgentOptions
 from gspo_lightning.agents.parsers import ToolCallParser
 from gspo_lightning.agents.tools import CallTimer
 from gspo_lightning.agents.trajectory import Trajectory, trajectories_to_generation
+from gspo_lightning.data.chat import MessageRenderer
 from gspo_lightning.data.encode import EncodedPrompt
 from gspo_lightning.engines.base import Generation, RolloutEngine
 

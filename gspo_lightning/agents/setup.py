@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import TYPE_CHECKING
+from typing import Any
 
-from gspo_lightning.agents.chat import MessageRenderer, check_tool_template, rewrites_history
 from gspo_lightning.agents.environment import Environment, ToolEnvironment
+from gspo_lightning.agents.options import AgentOptions
 from gspo_lightning.agents.parsers import TOOL_PARSERS, ToolCallParser
 from gspo_lightning.agents.runner import AgentRunner
 from gspo_lightning.agents.sampler import AgentSampler, FunctionSampler, Sampler
 from gspo_lightning.agents.tools import CallTimer, Toolbox
-
-if TYPE_CHECKING:
-    from gspo_lightning.rollout.datamodule import RolloutDataModule
+from gspo_lightning.data.chat import MessageRenderer, check_tool_template, rewrites_history
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +57,13 @@ def _probe_environment(factory) -> Environment:
     return env
 
 
-def build_sampler(dm: RolloutDataModule) -> tuple[Sampler, list[dict]]:
-    """The data module's sampler, and the tool schemas its prompts are rendered with."""
+def build_sampler(dm: Any) -> tuple[Sampler, list[dict]]:
+    """The data module's sampler, and the tool schemas its prompts are rendered with.
+
+    Args:
+        dm: the ``RolloutDataModule``, set up up to its tokenizer (its tokenizer, engine, tools, environment,
+            rollout function and agent options are read).
+    """
     tokenizer, engine = dm.tokenizer, dm.engine
     if dm.rollout_function is not None:
         return FunctionSampler(dm.rollout_function, engine, tokenizer), []
@@ -90,3 +93,26 @@ def build_sampler(dm: RolloutDataModule) -> tuple[Sampler, list[dict]]:
     parser = resolve_parser(dm.agent.parser)
     runner = AgentRunner(engine, tokenizer, factory, parser, dm.agent, renderer, timer=timer)
     return AgentSampler(runner), schemas
+
+
+def check_budget(sampler: Sampler, agent: AgentOptions, context: int | None, longest_prompt: int) -> None:
+    """Set the agent loop's token budget from the model's context (``data.agent.max_tokens``, else the context).
+
+    Raises:
+        ValueError: the budget exceeds the context, or leaves the longest prompt no room for a token.
+    """
+    runner = getattr(sampler, "runner", None)
+    if runner is None:
+        return
+    budget = agent.max_tokens
+    if isinstance(context, int) and budget is not None and budget > context:
+        raise ValueError(
+            f"data.agent.max_tokens={budget} exceeds the model's context (max_position_embeddings={context}):"
+            f" set it to at most {context}, or null for the context length."
+        )
+    runner.budget = budget if budget is not None else context
+    if runner.budget is not None and longest_prompt >= runner.budget:
+        raise ValueError(
+            f"The longest prompt has {longest_prompt} tokens, no fewer than the trajectory budget of {runner.budget}"
+            " (data.agent.max_tokens, or the model's context): raise it or lower data.encoding.max_prompt_length."
+        )

@@ -70,9 +70,9 @@ BUILTINS: dict[str, DemoSpec] = {
     # the agent demo (configs/tool_demo.yaml): 2-digit products, a multiply tool called in a quarter of the
     # warm-up traces; a fixed number of warm-up steps (greedy decoding answers directly, so no accuracy probe)
     "tiny-qwen3-moe-calculator": DemoSpec(
-        task="multiplication-tools", tool_use_rate=0.25, context=128, sft_steps=800, sft_target_accuracy=None
+        task="multiplication-tools", tool_use_rate=0.25, context=128, sft_steps=800, sft_target_accuracy=None, version=3
     ),
-    "tiny-qwen3-moe-calculator-random": DemoSpec(task="multiplication-tools", context=128, sft_steps=0),
+    "tiny-qwen3-moe-calculator-random": DemoSpec(task="multiplication-tools", context=128, sft_steps=0, version=3),
 }
 
 

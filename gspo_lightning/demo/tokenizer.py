@@ -65,7 +65,7 @@ TOOL_TAGS: tuple[str, ...] = (
     "<tools>",
     "</tools>",
 )
-CHAT_ALPHABET = '0123456789+-*=()[]{}":,. _abcdefghijklmnopqrstuvwxyz'
+CHAT_ALPHABET = "0123456789+-*/=()[]{}<>\"':;,.!?_ \nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # A compact tool-capable template in the Hermes / Qwen style: the tools' names are declared up front, the
 # assistant's tool calls are <tool_call>{json}</tool_call>, consecutive tool results share one user turn as

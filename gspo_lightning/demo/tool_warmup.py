@@ -2,7 +2,7 @@
 
 Each trace is a prompt of :class:`~gspo_lightning.data.tasks.MultiplicationTask` rendered with the ``multiply``
 tool declared, then either (a share ``tool_use_rate``) a tool call, the tool's result appended through the chat
-template (:class:`~gspo_lightning.agents.chat.MessageRenderer`) and the answer copied from it, or a direct answer
+template (:class:`~gspo_lightning.data.chat.MessageRenderer`) and the answer copied from it, or a direct answer
 (which the model can only guess). Cross-entropy is taken on the model's tokens only, as RL later trains them.
 So the model starts RL knowing how to call the tool but rarely choosing to: greedy decoding answers directly.
 """
@@ -14,8 +14,7 @@ import random
 
 import torch
 
-from gspo_lightning.agents.chat import MessageRenderer
-from gspo_lightning.agents.tools import Toolbox
+from gspo_lightning.data.chat import MessageRenderer
 from gspo_lightning.data.encode import encode_prompts
 from gspo_lightning.data.tasks import MultiplicationTask
 from gspo_lightning.demo.tools import multiply
@@ -23,7 +22,9 @@ from gspo_lightning.demo.tools import multiply
 
 def tool_traces(tokenizer, n: int, tool_use_rate: float, seed: int) -> list[tuple[list[int], list[bool]]]:
     """``n`` warm-up traces: (ids, mask of the model's tokens) each."""
-    schemas = Toolbox([multiply]).schemas
+    from transformers.utils import get_json_schema
+
+    schemas = [get_json_schema(multiply)]  # as data.tools declares it
     task = MultiplicationTask(seed=seed)
     rng = random.Random(f"tool-traces-{seed}")
     records = rng.choices(task.train(), k=n)

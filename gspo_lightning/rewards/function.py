@@ -10,7 +10,8 @@ from torch import Tensor
 
 from gspo_lightning.rewards.base import REWARDS, Reward, RewardInputs
 
-EXTRA_KWARGS = ("response_lengths", "truncated", "max_new_tokens", "transcripts", "trajectory_rewards")
+MULTI_TURN_KWARGS = ("transcripts", "trajectory_rewards")  # passed only for multi-turn rollouts
+EXTRA_KWARGS = ("response_lengths", "truncated", "max_new_tokens", *MULTI_TURN_KWARGS)
 
 
 def _accepted_kwargs(fn: Callable[..., Any]) -> tuple[frozenset[str], bool]:
@@ -48,7 +49,7 @@ class FunctionReward(Reward):
     ``fn`` receives three lists of N strings (answers may hold None) and, as keyword arguments where its
     signature accepts them (all of them with ``**kwargs``), ``response_lengths`` ((N,) int64 tensor),
     ``truncated`` ((N,) bool tensor), ``max_new_tokens`` (int), for multi-turn rollouts ``transcripts`` (N texts
-    of whole trajectories) and ``trajectory_rewards`` ((N,) tensor; both None for single turn), and the prompt
+    of whole trajectories) and ``trajectory_rewards`` ((N,) tensor; neither is passed for single turn), and the prompt
     rows' other columns (``RewardInputs.extras``: lists of N values, e.g. ``test_cases``), as TRL passes dataset
     columns. It returns N scores as a list of numbers (None or text is refused, naming the
     sample), an (N,) tensor or array, or a generator of N numbers. In YAML::
@@ -110,7 +111,9 @@ class FunctionReward(Reward):
     def score(self, inputs: RewardInputs) -> Tensor | Sequence[float]:
         """``fn``'s scores as it returned them (a generator drained to a list); the caller validates them."""
         names, takes_all = self._kwargs
-        available = {**{k: getattr(inputs, k) for k in EXTRA_KWARGS}, **inputs.extras}
+        fields = {k: getattr(inputs, k) for k in EXTRA_KWARGS}
+        fields = {k: v for k, v in fields.items() if v is not None or k not in MULTI_TURN_KWARGS}  # single turn: none
+        available = {**fields, **inputs.extras}
         extra = {k: v for k, v in available.items() if takes_all or k in names}
         out = self.fn(list(inputs.prompts), list(inputs.completions), list(inputs.answers), **extra)
         return list(out) if isinstance(out, Iterator) else out

@@ -16,7 +16,7 @@ from typing_extensions import override
 from gspo_lightning.agents.environment import Environment
 from gspo_lightning.agents.options import AgentOptions
 from gspo_lightning.agents.sampler import Sampler
-from gspo_lightning.agents.setup import build_sampler
+from gspo_lightning.agents.setup import build_sampler, check_budget
 from gspo_lightning.agents.trajectory import Trajectory
 from gspo_lightning.batch import RolloutBatch
 from gspo_lightning.data.encode import EncodedPrompt, encode_prompts
@@ -250,15 +250,7 @@ class RolloutDataModule(pl.LightningDataModule):
         prompts = [*(self._train or []), *self._val]
         longest = max((len(p.input_ids) for p in prompts), default=1)
         new = self.sampling.max_new_tokens
-        runner = getattr(self.sampler, "runner", None)
-        if runner is not None:  # multi-turn: the whole trajectory must fit, turn by turn
-            budget = self.agent.max_tokens
-            if isinstance(context, int) and budget is not None and budget > context:
-                raise ValueError(
-                    f"data.agent.max_tokens={budget} exceeds the model's context (max_position_embeddings={context}):"
-                    f" set it to at most {context}, or null for the context length."
-                )
-            runner.budget = budget if budget is not None else context
+        check_budget(self.sampler, self.agent, context, longest)
         if isinstance(context, int) and longest + new > context:
             raise ValueError(
                 f"data.sampling.max_new_tokens={new} does not fit the model's context (max_position_embeddings="

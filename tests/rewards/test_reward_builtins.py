@@ -140,6 +140,7 @@ def test_every_registered_reward(entry):
     assert entry.description and "\n" not in entry.description
     reward = REWARDS.build(entry.name, **REQUIRED_ARGS.get(entry.name, {}))
     inputs = make_inputs(["57", "\\boxed{57}", "x" * 64, ""], lengths=[2, 10, 64, 0], max_new_tokens=64)
+    inputs.trajectory_rewards = torch.tensor([1.0, 0.0, 0.5, 0.0])  # what multi-turn rollouts add (TrajectoryReward)
     out = reward(inputs)
     assert out.shape == (4,) and out.dtype == torch.float32 and torch.isfinite(out).all()
 

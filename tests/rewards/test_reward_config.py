@@ -105,5 +105,7 @@ def test_every_registered_reward_builds_from_config(entry, user_module):
     }
     reward = build({"class_path": entry.name, "init_args": required.get(entry.name, {})})
     assert type(reward) is entry.cls
-    out = reward(make_inputs(["57", "no"]))
+    inputs = make_inputs(["57", "no"])
+    inputs.trajectory_rewards = torch.tensor([1.0, 0.0])  # what multi-turn rollouts add (TrajectoryReward)
+    out = reward(inputs)
     assert out.shape == (2,) and torch.isfinite(out).all()
