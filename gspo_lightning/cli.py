@@ -130,13 +130,33 @@ def unknown_component_message(message: str) -> str | None:
     return f"{unknown}; did you mean {nearest!r}? Run {listing} to see them all{own}"
 
 
+_UNKNOWN_CALLABLE = re.compile(r"expects a function or a callable class: (.+?)\. Got value: (\S+)")
+
+
+def unknown_callable_message(message: str) -> str | None:
+    """One line for an import path of a tool, environment or rollout function that does not import, else None."""
+    match, key = _UNKNOWN_CALLABLE.search(message), _PARSER_KEY.search(message)
+    if match is None:
+        return None
+    where = f"{key.group(1)}: " if key else ""
+    return (
+        f"{where}cannot import {match.group(2)} ({match.group(1)}); give the import path of a function or class on"
+        " the Python path (my_module.my_tool)."
+    )
+
+
 class GSPOArgumentParser(LightningArgumentParser):
     """LightningCLI's parser; a misspelled component name is one line suggesting the nearest registered one, and
     an option from before the option groups one line naming its new path."""
 
     @override
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        hint = moved_option_message(message) or unknown_component_message(message) or yaml_error_message(message)
+        hint = (
+            moved_option_message(message)
+            or unknown_component_message(message)
+            or unknown_callable_message(message)
+            or yaml_error_message(message)
+        )
         if hint is None:
             super().error(message, ex)
         if not self.exit_on_error:

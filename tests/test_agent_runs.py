@@ -112,3 +112,12 @@ def test_tools_with_a_tokenizer_without_chat_template_are_refused(tmp_path):
 
 def test_the_tool_demo_config_is_shipped():
     assert (ROOT / "configs" / "tool_demo.yaml").exists()
+
+
+def test_a_tool_that_does_not_import_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main(["fit", *tool_args(tmp_path, "--data.tools", "[gspo_lightning.demo.tools.nosuch]")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: data.tools: cannot import gspo_lightning.demo.tools.nosuch (module ")
+    assert not any("usage:" in line for line in err)
