@@ -75,13 +75,14 @@ def test_a_resumed_multi_turn_run_equals_the_uninterrupted_one(tmp_path):
     )
     straight, straight_cli = _run(tmp_path / "straight", *env, max_steps=6)
     assert any(len(set(b["tokens"][0])) > 1 for b in straight)
-    first, _ = _run(tmp_path / "first", *env, max_steps=2)
+    first, _ = _run(tmp_path / "run", *env, max_steps=2)
     assert first == straight[:1]
-    resumed, _ = _run(tmp_path / "resumed", *env, "--ckpt_path", str(_last(tmp_path / "first")), max_steps=6)
+    # the README's resume command: the same command, a later max_steps, --ckpt_path last
+    resumed, _ = _run(tmp_path / "run", *env, "--ckpt_path", "last", max_steps=6)
     assert [b["step"] for b in resumed] == [4, 6]
     for got, expected in zip(resumed, straight[1:], strict=True):
         assert got["tokens"] == expected["tokens"] and got["rewards"] == expected["rewards"]
-    final = torch.load(_last(tmp_path / "resumed"), weights_only=False)["state_dict"]
+    final = torch.load(_last(tmp_path / "run", version=1), weights_only=False)["state_dict"]
     for name, value in straight_cli.model.state_dict().items():
         torch.testing.assert_close(final[name], value, rtol=0, atol=0, msg=name)
 
