@@ -63,6 +63,7 @@ class Environment:
     """
 
     _toolbox: Toolbox | None = None
+    _timer: CallTimer | None = None  # set by the agent loop: the run's time limit on tool calls
 
     def reset(self, prompt: str, answer: str | None, **columns: Any) -> None:
         """Start a trajectory for this prompt row (its text, reference answer and other columns)."""
@@ -82,9 +83,10 @@ class Environment:
         return [m for m in methods if inspect.ismethod(m)]
 
     def toolbox(self, timer: CallTimer | None = None) -> Toolbox:
-        """This instance's tools with their schemas (built once)."""
+        """This instance's tools with their schemas, built on first use (a trajectory that calls no tool parses
+        no docstring), calls timed by ``timer`` or the agent loop's."""
         if self._toolbox is None:
-            self._toolbox = Toolbox(self.tools(), timer)
+            self._toolbox = Toolbox(self.tools(), timer or self._timer)
         return self._toolbox
 
     def run_tools(self, parsed: ParsedTurn) -> Step:

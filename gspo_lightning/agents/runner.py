@@ -118,7 +118,7 @@ class AgentRunner:
 
     def new_environment(self, prompt: EncodedPrompt) -> Environment:
         env = self.environment()
-        env.toolbox(self.timer)
+        env._timer = self.timer
         record = prompt.record
         env.reset(record.text, record.answer, **record.extras)
         return env

@@ -3,6 +3,7 @@ environment tokens from the next turn's prefill), and the trainer replays them t
 
 import pytest
 import torch
+from agent_exactness import likely_eos
 from support import built_module
 
 from gspo_lightning.data import MultiplicationTask
@@ -28,24 +29,13 @@ def _own_routes(model, batch):
     return controller.chosen()
 
 
-def _likely_eos(model):
-    """``model`` with its EOS logit raised by 4, so that the random model ends most turns within a few tokens."""
-    eos = model.config.eos_token_id
-
-    def hook(module, inputs, logits):
-        return logits + 4.0 * torch.nn.functional.one_hot(torch.tensor(eos), logits.shape[-1]).to(logits)
-
-    model.get_output_embeddings().register_forward_hook(hook)
-    return model
-
-
 @pytest.fixture(scope="module")
 def multi_turn(calculator_path):
     """A routed rollout batch of 3-turn trajectories (agent_envs.ThreeTurns) on the tiny random calculator model."""
     from agent_envs import ThreeTurns
 
     torch.manual_seed(0)
-    model = _likely_eos(load_causal_lm(calculator_path))
+    model = likely_eos(load_causal_lm(calculator_path))
     dm = RolloutDataModule(
         prompts=MultiplicationTask(num_train=16, num_val=2),
         tokenizer=str(calculator_path),
@@ -81,7 +71,7 @@ def test_the_engine_routes_every_forwarded_position_of_a_multi_turn_trajectory(m
 def test_rollout_replay_forces_the_engines_routes_at_every_position_of_a_trajectory(calculator_path, multi_turn):
     _, batch = multi_turn
     module = built_module(str(calculator_path), routing_replay="rollout", mini_batches=2)
-    _likely_eos(module.policy)
+    likely_eos(module.policy)
     result = module.pre_update(batch, module.policy, None, module.routing)
     replayed = module.routing.recorded()
     keep = batch.rollout_routing_mask[:, None, :, None].expand_as(replayed)
