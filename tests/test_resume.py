@@ -111,7 +111,10 @@ def test_readme_resume_command_continues_after_kill_9(tmp_path):
     finally:
         running.send_signal(signal.SIGKILL)
         running.wait()
-    saved = torch.load(_last(root), weights_only=False)
+    # what --ckpt_path last resumes: the checkpoint with the most steps (a kill between a step's file and its
+    # last.ckpt leaves last.ckpt one save behind; find_last_checkpoint takes the newer file then)
+    complete = sorted(_last(root).parent.glob("*.ckpt"))
+    saved = max((torch.load(p, weights_only=False) for p in complete), key=lambda c: c["global_step"])
     step, rollouts = saved["global_step"], saved[DATA_STATE]["steps"]
     assert step >= 2 and step == 2 * rollouts
     resume = [*command, "--trainer.max_steps", str(step + 4), "--ckpt_path", "last"]
