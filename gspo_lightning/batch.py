@@ -56,6 +56,10 @@ class RolloutBatch:
         token_kl_coef: (N, T) the pre-update token masks' coefficients of a ``|lp - old|`` penalty (KL-Cov), or None.
         engine_is_policy: the engine sampled with the trainer's own module (``RolloutEngine.generates_with_policy``):
             the rollout/trainer log-prob gap is rounding, not logged.
+        policy_version: (N,) int64, the policy version that sampled each sequence (rollout batches trained on before
+            it) under asynchronous rollouts (``data.max_staleness``), or None: the current one.
+        staleness: (N,) int64, updates between the weights that sampled each sequence and those it is trained from
+            (at most ``data.max_staleness``), or None: 0.
     """
 
     input_ids: Tensor
@@ -82,12 +86,14 @@ class RolloutBatch:
     token_kl_coef: Tensor | None = None
     penalised_rewards: Tensor | None = None
     engine_is_policy: bool = False
+    policy_version: Tensor | None = None
+    staleness: Tensor | None = None
 
     def __post_init__(self) -> None:
         n, t = self.response_mask.shape
         if self.input_ids.shape[0] != n or self.input_ids.shape[1] < t:
             raise ValueError(f"input_ids {tuple(self.input_ids.shape)} must be (N, P+T) for response_mask {(n, t)}.")
-        for name in ("rewards", "group_ids", "penalised_rewards"):
+        for name in ("rewards", "group_ids", "penalised_rewards", "policy_version", "staleness"):
             if getattr(self, name) is not None and getattr(self, name).shape != (n,):
                 raise ValueError(f"{name} must have shape (N,) = ({n},), got {tuple(getattr(self, name).shape)}.")
         for name in ("old_logprobs", "ref_logprobs", "rollout_logprobs"):
@@ -105,6 +111,11 @@ class RolloutBatch:
     def advantage_rewards(self) -> Tensor:
         """(N,) the rewards advantages are computed from: the penalised ones when a KL penalty applies."""
         return self.rewards if self.penalised_rewards is None else self.penalised_rewards
+
+    @property
+    def is_stale(self) -> bool:
+        """Whether any sequence was sampled by older weights than those it is trained from (asynchronous rollouts)."""
+        return self.staleness is not None and bool(self.staleness.any())
 
     @property
     def num_sequences(self) -> int:

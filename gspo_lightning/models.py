@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from torch import nn
+from torch.nn.modules.dropout import _DropoutNd
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 BUILTIN_PREFIX = "builtin:"
@@ -164,3 +166,14 @@ def empty_causal_lm(
         torch_dtype = getattr(torch, dtype)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **kwargs)
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Whether some dropout of ``model`` is active in train mode (``training.policy.set_dropout_to_zero`` zeroes
+    them)."""
+    for module in model.modules():
+        if isinstance(module, _DropoutNd) and module.p > 0:
+            return True
+        if any(n.endswith("dropout") and isinstance(v, float) and v > 0 for n, v in vars(module).items()):
+            return True
+    return False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from gspo_lightning.agents.environment import Environment
@@ -19,7 +19,7 @@ from gspo_lightning.agents.sampler import Sampler
 from gspo_lightning.agents.setup import build_sampler, check_budget
 from gspo_lightning.agents.trajectory import Trajectory
 from gspo_lightning.batch import RolloutBatch
-from gspo_lightning.data.encode import EncodedPrompt, encode_prompts
+from gspo_lightning.data.encode import EncodedPrompt
 from gspo_lightning.data.prompts import PromptSource
 from gspo_lightning.data.tasks import AdditionTask
 from gspo_lightning.engines.base import RolloutEngine, SamplingConfig
@@ -29,41 +29,15 @@ from gspo_lightning.rewards.answer import ExactMatchReward
 from gspo_lightning.rewards.base import Reward
 from gspo_lightning.rewards.combine import check_weights
 from gspo_lightning.rng import derive_seed, seeded_rng
+from gspo_lightning.rollout.asynchronous import AsyncRollouts
 from gspo_lightning.rollout.collector import RolloutCollector, decode_responses, reward_inputs
 from gspo_lightning.rollout.evaluation import EvalResult
 from gspo_lightning.rollout.link import PolicyLink
 from gspo_lightning.rollout.options import EncodingOptions, HeldOutOptions, RolloutOptions
+from gspo_lightning.rollout.prompt_set import encode_split, encode_train
+from gspo_lightning.rollout.streams import EvalStream, RolloutStream, identity, prompt_fingerprint
 
 DEFAULT_SAMPLING = SamplingConfig()
-
-
-def _identity(x: Any) -> Any:
-    return x
-
-
-def prompt_fingerprint(prompts: list[EncodedPrompt]) -> dict[str, Any]:
-    """Count and SHA-256 (first 16 hex digits) of the prompts' indices, texts and answers, in order."""
-    digest = hashlib.sha256()
-    for p in prompts:
-        digest.update(f"{p.record.index}\x1f{p.record.text}\x1f{p.record.answer}\x1e".encode())
-    return {"count": len(prompts), "sha256": digest.hexdigest()[:16]}
-
-
-class _RolloutStream(IterableDataset):
-    def __init__(self, datamodule: RolloutDataModule) -> None:
-        self.datamodule = datamodule
-
-    def __iter__(self) -> Iterator[RolloutBatch]:
-        while True:
-            yield self.datamodule.next_rollout()
-
-
-class _EvalStream(IterableDataset):
-    def __init__(self, datamodule: RolloutDataModule) -> None:
-        self.datamodule = datamodule
-
-    def __iter__(self) -> Iterator[EvalResult]:
-        return self.datamodule.evaluate_heldout()
 
 
 class RolloutDataModule(pl.LightningDataModule):
@@ -101,6 +75,8 @@ class RolloutDataModule(pl.LightningDataModule):
         environment: a stateful environment class, one instance per trajectory (multi-turn).
         rollout_function: your own agent loop, returning token-level trajectories (multi-turn).
         agent: multi-turn limits (turns, token budget, tool-response cap, tool timeout) and the tool-call parser.
+        max_staleness: asynchronous rollouts: the next batches are generated while one trains, each sample at most
+            this many updates stale (0: synchronous; docs/async.md).
     """
 
     def __init__(
@@ -119,6 +95,7 @@ class RolloutDataModule(pl.LightningDataModule):
         environment: Callable[[], Environment] | None = None,
         rollout_function: Callable[..., Sequence[Trajectory]] | None = None,
         agent: AgentOptions = AgentOptions(),  # noqa: B008
+        max_staleness: int = 0,
     ) -> None:
         super().__init__()
         self.source = prompts if prompts is not None else AdditionTask()
@@ -142,8 +119,12 @@ class RolloutDataModule(pl.LightningDataModule):
             )
         self.tools, self.environment, self.rollout_function = list(tools or []), environment, rollout_function
         self.agent = agent
+        if max_staleness < 0:
+            raise ValueError(f"data.max_staleness must be >= 0 (0: synchronous rollouts), got {max_staleness}.")
+        self.max_staleness = max_staleness
+        self.asynchronous = AsyncRollouts(max_staleness, self.engine) if max_staleness else None
         self.sampler: Sampler | None = None
-        self._tool_schemas: list[dict] = []
+        self.tool_schemas: list[dict] = []
         self.epoch = 0
         self.cursor = 0
         self.steps = 0
@@ -170,17 +151,17 @@ class RolloutDataModule(pl.LightningDataModule):
                 "RolloutDataModule needs a tokenizer: set data.tokenizer (normally linked to model.policy.path)."
             )
         self.tokenizer = load_tokenizer(self.tokenizer_path)
-        self.sampler, self._tool_schemas = build_sampler(self)
+        self.sampler, self.tool_schemas = build_sampler(self)
         rank, world = self.rank_and_world
         if self.rollout.prompts_per_step % world:
             raise ValueError(
                 f"data.rollout.prompts_per_step={self.rollout.prompts_per_step} must be divisible by the {world}"
                 " data-parallel ranks."
             )
-        self._train = self._encode_train(world)
+        self._train = encode_train(self, world)
         self._fingerprint = prompt_fingerprint(self._train)
         self._check_restored_prompts()
-        val = self._encode(self.source.validation()[: self.heldout.size], "held-out")
+        val = encode_split(self, self.source.validation()[: self.heldout.size], "held-out")
         # every rank gets the same number of held-out prompts: sharded forwards and metric syncs are collectives
         self._val = val[: len(val) // world * world][rank::world]
         from gspo_lightning.rewards.base import check_reward_columns  # a reward argument no column fills: now
@@ -200,40 +181,6 @@ class RolloutDataModule(pl.LightningDataModule):
             max_sampling_rounds=self.rollout.max_sampling_rounds,
             sampler=self.sampler,
         )
-
-    def _encode(self, records: list, split: str) -> list[EncodedPrompt]:
-        """Tokenise ``records``, warning with a count when overlong ones are dropped."""
-        if not records:
-            return []
-        encoded, dropped = encode_prompts(
-            records,
-            tokenizer=self.tokenizer,
-            max_prompt_length=self.encoding.max_prompt_length,
-            on_overlong=self.encoding.on_overlong,
-            chat_template=self.encoding.chat_template,
-            system_prompt=self.encoding.system_prompt,
-            tools=self._tool_schemas or None,
-        )
-        if dropped:
-            rank_zero_warn(
-                f"Dropped {dropped} {split} prompts longer than data.encoding.max_prompt_length="
-                f"{self.encoding.max_prompt_length} tokens ({len(encoded)} kept). Raise it to keep them, or set"
-                " data.encoding.on_overlong=error."
-            )
-        return encoded
-
-    def _encode_train(self, world: int) -> list[EncodedPrompt]:
-        """The encoded training prompts; refused when the ranks cannot all get one, warned when a batch repeats."""
-        train = self._encode(self.source.train(), "training")
-        if len(train) < world:
-            raise ValueError(f"Only {len(train)} training prompts for {world} ranks.")
-        per_step = self.rollout.prompts_per_step
-        if len(train) // world < per_step // world:
-            rank_zero_warn(
-                f"Only {len(train)} training prompts for data.rollout.prompts_per_step={per_step}: every rollout"
-                " batch repeats prompts. Add prompts or lower data.rollout.prompts_per_step."
-            )
-        return train
 
     def connect(self, link: PolicyLink) -> None:
         """Take the policy to generate with (``rollout.link``); the engine is bound to it before its first
@@ -267,11 +214,18 @@ class RolloutDataModule(pl.LightningDataModule):
                 "The rollout engine has no policy: train with GSPOModule (it connects its policy when its model is"
                 " built), or call datamodule.connect(PolicyLink(model)) outside a Trainer."
             )
-        self.engine.bind(self._link.policy)
+        if self.asynchronous is not None:
+            self.asynchronous.bind(self._link.policy)  # generates with a copy while the policy trains
+        else:
+            self.engine.bind(self._link.policy)
 
     def sync_weights(self, policy: nn.Module) -> bool:
         """Send the updated weights to the engine (called by the module after its optimizer steps); returns
-        whether the engine copied any (``RolloutEngine.sync_weights``)."""
+        whether the engine copied any (``RolloutEngine.sync_weights``). Asynchronous rollouts publish them as the
+        next version instead, loaded into the engine when a batch needs them (``rollout.pipeline``)."""
+        if self.asynchronous is not None:
+            self.asynchronous.publish(self.steps, policy)
+            return True
         return bool(self.engine.sync_weights(policy))
 
     # -- training prompts ---------------------------------------------------------------------------------
@@ -296,14 +250,28 @@ class RolloutDataModule(pl.LightningDataModule):
         return out
 
     def next_rollout(self) -> RolloutBatch:
-        """Generate, score and assemble this rank's next rollout batch."""
+        """This rank's next rollout batch: generated now, or taken from the asynchronous pipeline."""
         self._ensure_bound()
-        _, world = self.rank_and_world
-        with seeded_rng(self._stream_seed("rollout", self.steps)):
-            batch = self.collector.collect(self.next_prompts, self.rollout.prompts_per_step // world)
+        if self.asynchronous is None:
+            batch = self.produce(self.steps)
+        else:
+            if not self.asynchronous.running:
+                self.asynchronous.start(self.produce, self.position, self.steps, self._link.policy)
+            batch = self.asynchronous.take(self.steps)
         self.steps += 1
+        return batch
+
+    def produce(self, index: int) -> RolloutBatch:
+        """Generate, score and assemble rollout batch ``index`` from its own random stream and the next prompts."""
+        _, world = self.rank_and_world
+        with seeded_rng(self._stream_seed("rollout", index)):
+            batch = self.collector.collect(self.next_prompts, self.rollout.prompts_per_step // world)
         batch.metrics["epoch"] = self.prompt_epochs()
         return batch
+
+    def position(self) -> dict[str, int]:
+        """Where the prompt order stands: the pass over the data and the next prompt in it."""
+        return {"epoch": self.epoch, "cursor": self.cursor}
 
     def prompt_epochs(self) -> float:
         """Passes over this rank's training prompts so far (1.5: one pass and half of the next), logged as ``epoch``
@@ -322,24 +290,36 @@ class RolloutDataModule(pl.LightningDataModule):
         rank, _ = self.rank_and_world
         return derive_seed(self._base_seed(), rank, *parts)
 
+    def _loader_kwargs(self) -> dict[str, Any]:
+        """No workers; under asynchronous rollouts a generator of its own: a DataLoader draws its base seed when an
+        iterator starts (each held-out evaluation), which must not come from the generator a batch samples from."""
+        return {"num_workers": 0, **({"generator": torch.Generator()} if self.asynchronous else {})}
+
     @override
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_RolloutStream(self), batch_size=None, collate_fn=_identity, num_workers=0)
+        return DataLoader(RolloutStream(self), batch_size=None, collate_fn=identity, **self._loader_kwargs())
 
     # -- held-out evaluation -----------------------------------------------------------------------------
     def evaluate(self, prompts: list[EncodedPrompt]) -> EvalResult:
         """Greedy and sampled correctness of ``prompts`` under the current policy."""
         self._ensure_bound()
-        greedy = self._correct(prompts, 1, greedy=True)[:, 0]
-        k = self.heldout.num_samples
-        sampled = self._correct(prompts, k, greedy=False) if k > 0 else torch.zeros(len(prompts), 0, dtype=torch.bool)
+        with self._holding_engine():
+            greedy = self._correct(prompts, 1, greedy=True)[:, 0]
+            k = self.heldout.num_samples
+            empty = torch.zeros(len(prompts), 0, dtype=torch.bool)
+            sampled = self._correct(prompts, k, greedy=False) if k > 0 else empty
         return EvalResult(greedy_correct=greedy, sampled_correct=sampled, epoch=self.prompt_epochs())
+
+    def _holding_engine(self):
+        """Asynchronous rollouts: the engine between two batches, with the current weights (``AsyncRollouts.hold``)."""
+        return self.asynchronous.hold(self._link.policy) if self.asynchronous else contextlib.nullcontext()
 
     def evaluate_heldout(self) -> Iterator[EvalResult]:
         """Evaluate this rank's held-out prompts, ``val_batch_size`` at a time, each from its own random stream."""
         size = self.heldout.batch_size
         for start in range(0, len(self._val), size):
-            with seeded_rng(self._stream_seed("eval", self.steps, start)):
+            self._ensure_bound()
+            with self._holding_engine(), seeded_rng(self._stream_seed("eval", self.steps, start)):
                 result = self.evaluate(self._val[start : start + size])
             yield result
 
@@ -358,12 +338,22 @@ class RolloutDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self._val:
             return []
-        return DataLoader(_EvalStream(self), batch_size=None, collate_fn=_identity, num_workers=0)
+        return DataLoader(EvalStream(self), batch_size=None, collate_fn=identity, **self._loader_kwargs())
 
     # -- checkpointing -----------------------------------------------------------------------------------
     @override
+    def teardown(self, stage: str) -> None:
+        if self.asynchronous is not None:
+            self.asynchronous.close()
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        state = {"epoch": self.epoch, "cursor": self.cursor, "steps": self.steps, "seed": self.rollout.seed}
+        position, in_flight = self.position(), None
+        if self.asynchronous is not None:  # the consumer's position, and the batches generated ahead of it
+            position, in_flight = self.asynchronous.state(self.steps, position)
+        state = {**position, "steps": self.steps, "seed": self.rollout.seed}
+        if in_flight is not None:
+            state["in_flight"] = in_flight
         state["rollout_seed"] = self._base_seed()
         if self._fingerprint is not None:
             state["prompts"] = self._fingerprint
@@ -381,9 +371,16 @@ class RolloutDataModule(pl.LightningDataModule):
         self._check_restored_prompts()  # now if set up, else once the prompts are encoded
         if state_dict.get("rollout_seed") is not None:
             self.rollout_seed = int(state_dict["rollout_seed"])
-        self.epoch = int(state_dict["epoch"])
-        self.cursor = int(state_dict["cursor"])
         self.steps = int(state_dict["steps"])
+        position = {"epoch": int(state_dict["epoch"]), "cursor": int(state_dict["cursor"])}
+        if self.asynchronous is not None:  # in-flight batches are trained next; the producer goes on after them
+            position = self.asynchronous.restore(state_dict.get("in_flight"), position)
+        elif state_dict.get("in_flight"):
+            rank_zero_warn(
+                f"The checkpoint holds {len(state_dict['in_flight']['batches'])} rollout batches generated ahead"
+                " (data.max_staleness > 0); this run is synchronous, so they are generated again with its weights."
+            )
+        self.epoch, self.cursor = position["epoch"], position["cursor"]
 
     def _check_restored_prompts(self) -> None:
         """Refuse to continue a checkpoint's position in the prompt order on other prompts."""

@@ -170,7 +170,9 @@ class ChunkedLogprobHead(nn.Module):
             args = (self.head, real[start : start + self.chunk_size], targets[start : start + self.chunk_size])
             args += (self.temperature, self.entropy, self.entropy_grad)
             if torch.is_grad_enabled():
-                lp, ent = checkpoint(_head_chunk, *args, use_reentrant=False)
+                # the head draws nothing random: no RNG state to stash and set again in backward (setting the
+                # process's generator would also disturb a rollout thread sampling from it, data.max_staleness)
+                lp, ent = checkpoint(_head_chunk, *args, use_reentrant=False, preserve_rng_state=False)
             else:
                 lp, ent = _head_chunk(*args)
             parts_lp.append(lp)

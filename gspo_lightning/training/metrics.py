@@ -90,9 +90,10 @@ def response_counts(response_mask: Tensor) -> tuple[float, float]:
 def step_metrics(batch: RolloutBatch, policy_metrics: dict[str, float], train_s: float, lr: float) -> dict[str, float]:
     """Everything logged once per rollout batch: rollout statistics, policy metrics, timings, throughput.
 
-    ``throughput/tokens_per_s`` is generated (response) tokens over the step's generation + training time.
+    ``throughput/tokens_per_s`` is generated (response) tokens over the step's generation + training time; under
+    asynchronous rollouts, over the time the trainer waited for the batch + training time (generation overlapped).
     """
-    generate_s = batch.metrics.get("time/generate_s", 0.0)
+    generate_s = batch.metrics.get("time/wait_for_rollout_s", batch.metrics.get("time/generate_s", 0.0))
     logged: dict[str, float] = {k: float(v) for k, v in batch.metrics.items()}
     logged.update({k: float(v) for k, v in policy_metrics.items()})
     logged["time/train_s"] = train_s

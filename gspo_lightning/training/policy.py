@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from gspo_lightning.adapters import AdapterDisabled, apply_peft, transformers_model
-from gspo_lightning.models import DType, empty_causal_lm, load_causal_lm
+from gspo_lightning.models import DType, empty_causal_lm, has_dropout, load_causal_lm
 from gspo_lightning.moe import MoELayout, RoutingController, moe_layout
 from gspo_lightning.moe.routing import routing_controller
 from gspo_lightning.sharding import fill_from_rank0, shard_fsdp2
@@ -44,16 +44,6 @@ def set_dropout_to_zero(model: nn.Module) -> int:
     return int(changed)
 
 
-def has_dropout(model: nn.Module) -> bool:
-    """Whether some dropout of ``model`` is active in train mode (see :func:`set_dropout_to_zero`)."""
-    for module in model.modules():
-        if isinstance(module, _DropoutNd) and module.p > 0:
-            return True
-        if any(n.endswith("dropout") and isinstance(v, float) and v > 0 for n, v in vars(module).items()):
-            return True
-    return False
-
-
 def load_policy(
     model: str,
     dtype: DType = "float32",
@@ -76,7 +66,10 @@ def load_policy(
             stacklevel=2,
         )
     if gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # the recompute needs the forward's RNG state only for dropout; without it, stashing and setting the
+        # process's generator in backward costs time and disturbs a rollout thread sampling from it
+        kwargs = {"use_reentrant": False, "preserve_rng_state": has_dropout(policy)}
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     policy.config.use_cache = False
     return policy.train()  # from_pretrained returns eval mode
 

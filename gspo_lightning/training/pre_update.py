@@ -233,7 +233,10 @@ class PreUpdatePass:
                     " with datamodule.connect(PolicyLink(model, report_routes=True)) before the first rollout."
                 )
             batch = dataclasses.replace(batch, routing=batch.rollout_routing, routing_mask=batch.rollout_routing_mask)
-        old, chosen, entropy = self._old_logprobs(batch, policy, routing, agree)
+        # a stale batch (asynchronous rollouts) was not sampled by pi_theta: pi_old is the trainer's pass then
+        # (the decoupled objective's proximal policy), unless the engine's log-probs were chosen
+        source = "trainer" if self.source == "none" and batch.is_stale else self.source
+        old, chosen, entropy = self._old_logprobs(batch, policy, routing, agree, source)
         metrics["time/old_logprob_s"] = time.perf_counter() - start
         mismatch = None
         if chosen is not None and batch.rollout_routing is not None:
@@ -241,7 +244,7 @@ class PreUpdatePass:
                 batch.rollout_routing, batch.rollout_routing_mask, chosen, batch.response_mask
             )
         experts = batch.routing if self.replay_rollout else chosen
-        is_weights, mismatch_metrics = self._mismatch(batch, old)
+        is_weights, mismatch_metrics = self._mismatch(batch, old, source)
         metrics.update(mismatch_metrics)
         start = time.perf_counter()
         ref = None
@@ -280,22 +283,27 @@ class PreUpdatePass:
         )
 
     def _old_logprobs(
-        self, batch: RolloutBatch, policy: nn.Module, routing: RoutingController | None, agree: Callable | None
+        self,
+        batch: RolloutBatch,
+        policy: nn.Module,
+        routing: RoutingController | None,
+        agree: Callable | None,
+        source: OldLogprobSource,
     ) -> NoGradPass:
         """pi_old's log-probs from the resolved source, the experts its routers chose when it ran with
         ``routing`` (under Rollout Routing Replay, while forced to the engine's), and its entropies when a token
         mask reads them."""
-        if self.source == "rollout" and batch.rollout_logprobs is None:
+        if source == "rollout" and batch.rollout_logprobs is None:
             raise ValueError("old_logprobs='rollout' needs an engine that reports log-probs (e.g. VLLMEngine).")
         observe = self.record_routing or self.replay_rollout or batch.rollout_routing is not None
         routing = routing if observe else None
-        if self.source == "trainer":
+        if source == "trainer":
             return self._logprobs(policy, batch, routing, agree, self.with_entropy)
         experts = None
         if routing is not None and self.record_routing and not self.replay_rollout:
             # Routing Replay or the routing metric need pi_old's experts even without its log-probs
             experts = self._logprobs(policy, batch, routing, agree).experts
-        return NoGradPass(batch.rollout_logprobs if self.source == "rollout" else None, experts)
+        return NoGradPass(batch.rollout_logprobs if source == "rollout" else None, experts)
 
     def _logprobs(
         self,
@@ -311,9 +319,11 @@ class PreUpdatePass:
             b.micro_batch_tokens, agree, b.padding_free, replay=self.replay_rollout, with_entropy=with_entropy,
         )  # fmt: skip
 
-    def _mismatch(self, batch: RolloutBatch, old: Tensor | None) -> tuple[Tensor | None, dict[str, float]]:
+    def _mismatch(
+        self, batch: RolloutBatch, old: Tensor | None, source: OldLogprobSource
+    ) -> tuple[Tensor | None, dict[str, float]]:
         """The engine's log-prob gap to the trainer's pi_old, and the correction's weights when configured."""
-        if self.source != "trainer" or batch.rollout_logprobs is None:
+        if source != "trainer" or batch.rollout_logprobs is None:
             return None, {}
         if self.mismatch_correction is not None:
             out = self.mismatch_correction(old, batch.rollout_logprobs, batch.response_mask)

@@ -109,6 +109,24 @@ def test_the_head_never_sees_more_than_a_chunk_of_tokens(tiny_model):
     assert tiny_model.get_output_embeddings() is head  # the model is left as it was
 
 
+@pytest.mark.parametrize("policy_checkpointing", [False, True])
+def test_backward_never_sets_the_process_random_state(tiny_path, monkeypatch, policy_checkpointing):
+    """The chunked head's (and the policy's) recomputation in backward sets no RNG state: with dropout off there is
+    nothing to replay, and setting the process's generator mid-backward would shift the samples of a rollout thread
+    drawing from it at that moment (asynchronous rollouts, ``data.max_staleness``)."""
+    from gspo_lightning.training.policy import load_policy
+
+    model = load_policy(str(tiny_path), gradient_checkpointing=policy_checkpointing)
+    ids, attn = _padded_batch(model.config.vocab_size)
+    sets = []
+    real_set = torch.set_rng_state
+    monkeypatch.setattr(torch, "set_rng_state", lambda state: (sets.append(1), real_set(state)))
+    monkeypatch.setattr(torch.random, "set_rng_state", torch.set_rng_state)
+    out = response_logprobs(model, ids, attn, 5, with_entropy=True, chunk_size=4)
+    out.logprobs.sum().backward()
+    assert not sets, f"backward set the RNG state {len(sets)} times"
+
+
 def test_models_with_transformed_logits_fall_back_to_their_own_logits(caplog):
     model = _dense(False)
     model.config.final_logit_softcapping = 30.0  # the chunked head would skip the soft-capping
