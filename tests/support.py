@@ -235,3 +235,12 @@ def addition_datamodule(tokenizer, engine=None):
     )
     dm.setup("fit")
     return dm
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a rendezvous or a server started next)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

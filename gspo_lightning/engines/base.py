@@ -162,6 +162,10 @@ class RolloutEngine(ABC):
         engine generating with the policy itself, as :class:`TransformersEngine` does, copies nothing)."""
         return False
 
+    def close(self) -> None:  # noqa: B027 - optional: most engines hold nothing outside the process
+        """Release what the engine holds outside this process (servers it started) when the data module tears
+        down; a later generation binds it again."""
+
 
 ENGINES: Registry[RolloutEngine] = Registry("engine", RolloutEngine)
 

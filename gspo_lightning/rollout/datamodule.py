@@ -345,6 +345,7 @@ class RolloutDataModule(pl.LightningDataModule):
     def teardown(self, stage: str) -> None:
         if self.asynchronous is not None:
             self.asynchronous.close()
+        self.engine.close()
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -1,11 +1,13 @@
 """Run one GSPO update on a fixed rollout batch and save the full policy gradient (rank 0).
 
-Usage: python grad_script.py OUT_FILE DEVICES [ddp|fsdp2] [lora]. With DEVICES=2, Lightning launches a second
-process (gloo) and each rank trains on its half of the same batch, under DDP or FSDP2
+Usage: python grad_script.py OUT_FILE DEVICES [ddp|fsdp2|nodes] [lora]. With DEVICES=2, Lightning launches a
+second process (gloo) and each rank trains on its half of the same batch, under DDP or FSDP2
 (ModelParallelStrategy, each decoder layer sharded); the saved gradient must equal the one of a single
-process that trains on the whole batch. Each rank also writes how many times it loaded the model's
-weights (``OUT_FILE.loads<rank>``): under FSDP2 only rank 0 may (unless ``lora``: LoRA adapters on every
-linear layer and the fused experts, every rank loading the frozen base).
+process that trains on the whole batch. ``nodes``: DEVICES nodes of one process each (``trainer.num_nodes``):
+the caller starts one invocation per node with NODE_RANK, MASTER_ADDR and MASTER_PORT set, as on a cluster.
+Each rank also writes how many times it loaded the model's weights (``OUT_FILE.loads<rank>``): under FSDP2 only
+rank 0 may (unless ``lora``: LoRA adapters on every linear layer and the fused experts, every rank loading the
+frozen base).
 """
 
 import sys
@@ -90,9 +92,11 @@ def main(out: str, devices: int, strategy: str, lora: bool = False) -> None:
         loss=LossOptions(aggregation="seq-mean-token-mean"),
         peft=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if lora else None,
     )
+    nodes = devices if strategy == "nodes" else 1
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=devices,
+        devices=devices // nodes,
+        num_nodes=nodes,
         strategy=_strategy(strategy, devices),
         max_steps=1,
         logger=False,

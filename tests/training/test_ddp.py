@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import tiny_args
+from support import free_port, tiny_args
 
 HERE = Path(__file__).parent
 pytestmark = pytest.mark.distributed
@@ -27,6 +27,32 @@ def test_split_over_two_ranks_gives_the_single_process_gradient(tmp_path, tiny_p
     assert one.keys() == two.keys()
     total = sum(float(g.abs().sum()) for g in one.values())
     assert total > 0
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_two_nodes_on_localhost_give_the_single_process_gradient(tmp_path, tiny_path):
+    """Two launcher invocations, NODE_RANK 0 and 1, one process each, meeting at MASTER_ADDR:MASTER_PORT over gloo
+    (what two machines do, on one): each trains on its half of the batch; the gradient is the single process's."""
+    script = str(HERE / "grad_script.py")
+    _run([sys.executable, script, str(tmp_path / "one.pt"), "1"], tmp_path)
+    port = str(free_port())
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, script, str(tmp_path / "two.pt"), "2", "nodes"],
+            cwd=tmp_path,
+            env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1], "node 1 joined as the second rank"
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one.keys() == two.keys() and sum(float(g.abs().sum()) for g in one.values()) > 0
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
 
