@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from support import tiny_args
+from support import ROOT, tiny_args
 
 from gspo_lightning.cli import DEMO_CONFIG, cli_main
 
@@ -96,3 +96,26 @@ def test_the_tools_example_is_the_tool_demo_config():
     config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tool_demo.yaml").read_text())
     assert block["data"]["tools"] == config["data"]["tools"]
     assert block["data"]["agent"]["max_turns"] == config["data"]["agent"]["max_turns"]
+
+
+@pytest.mark.distributed
+def test_the_two_node_commands_train_as_written(tmp_path):
+    """The README's two-node commands, node0 = this machine and a free port, run as two processes (shortened to two
+    rollout batches and 16 held-out prompts): both exit 0 and node 1 joined as the second rank."""
+    from support import free_port
+
+    block = _block("bash", contains="NODE_RANK=1")
+    lines = [line for line in block.splitlines() if "NODE_RANK=" in line]
+    assert len(lines) == 2 and lines[0].replace("NODE_RANK=0", "NODE_RANK=1") == lines[1]
+    port, short = str(free_port()), "--trainer.max_steps 8 --data.heldout.size 16 --data.rollout.prompts_per_step 8"
+    here = {"node0": "127.0.0.1", "29500": port, "configs/": f"{ROOT}/configs/"}
+    commands = []
+    for line in lines:
+        for old, new in here.items():
+            line = line.replace(old, new)
+        commands.append(f"{line} {short}")
+    run = {"shell": True, "cwd": tmp_path, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    nodes = [subprocess.Popen(command, **run) for command in commands]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "MEMBER: 2/2" in outputs[1] and "`Trainer.fit` stopped: `max_steps=8` reached." in outputs[0]

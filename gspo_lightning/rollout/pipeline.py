@@ -130,17 +130,21 @@ class RolloutPipeline:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
+        # on a GPU, kernels of one stream run in order: generation gets a stream of its own to overlap training's
+        stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         try:
             while True:
                 index = self._next
                 version = self.version_for(index)
                 snapshot = self.versions.wait_for(version)
                 start = time.perf_counter()
-                with self._engine_lock:
+                with self._engine_lock, torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                     if self._loaded != version:
                         self.load(snapshot)
                         self._loaded = version
                     batch = self.produce(index)
+                    if stream is not None:
+                        stream.synchronize()  # the batch's tensors are complete before the trainer reads them
                 self.busy_s += time.perf_counter() - start
                 batch.policy_version = torch.full((len(batch),), version, dtype=torch.long)
                 with self._cond:

@@ -1,0 +1,124 @@
+"""The served engine's pieces that need no vLLM: the HTTP client's bounded retries against a real local HTTP
+server, and the conversion of ``/inference/v1/generate`` answers into a Generation."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import torch
+from support import free_port
+
+from gspo_lightning.engines import VLLMServerEngine
+from gspo_lightning.engines.vllm_http import ServerClient, ServerError
+from gspo_lightning.engines.vllm_server import choices_to_generation, decode_routes
+
+
+class Script(BaseHTTPRequestHandler):
+    """Answers each POST with the next (status, delay) of the server's ``script``, then 200 {"ok": n}."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        server = self.server
+        status, delay = server.script.pop(0) if server.script else (200, 0.0)
+        server.calls += 1
+        time.sleep(delay)
+        body = json.dumps({"ok": server.calls}).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def scripted():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Script)
+    server.script, server.calls = [], 0
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_server_errors_are_retried_a_bounded_number_of_times(scripted):
+    server, url = scripted
+    server.script = [(500, 0.0), (503, 0.0)]
+    assert ServerClient(url, retries=2, retry_wait_s=0.01).call("/x", {}) == {"ok": 3}, "third try answers"
+    server.script = [(500, 0.0)] * 3
+    with pytest.raises(ServerError, match=r"/x failed after 2 tries: HTTP 500"):
+        ServerClient(url, retries=1, retry_wait_s=0.01).call("/x", {})
+
+
+def test_a_slow_server_times_out_and_a_client_error_is_not_retried(scripted):
+    server, url = scripted
+    server.script = [(200, 1.0), (200, 1.0)]
+    start = time.monotonic()
+    with pytest.raises(ServerError, match=r"failed after 2 tries: no answer within 0.2 s"):
+        ServerClient(url, timeout_s=0.2, retries=1, retry_wait_s=0.01).call("/x", {})
+    assert time.monotonic() - start < 5, "bounded: never a hang"
+    server.script = [(404, 0.0)]
+    with pytest.raises(ServerError, match=r"failed after 1 tries: HTTP 404.*VLLM_SERVER_DEV_MODE=1"):
+        ServerClient(url, retries=3, retry_wait_s=0.01).call("/collective_rpc", {})
+    assert server.calls == 3
+
+
+def test_a_server_that_is_not_there_is_named_with_its_log():
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ServerError, match=r"connection failed .*; its log: /tmp/server.log"):
+        ServerClient(url, retries=1, retry_wait_s=0.01, log="/tmp/server.log").call("/inference/v1/generate", {})
+
+
+def _choice(index, ids, finish="stop", routes=None):
+    choice = {"index": index, "token_ids": ids, "finish_reason": finish,
+              "logprobs": {"content": [{"token_id": t, "logprob": -0.5 - t / 10} for t in ids]}}  # fmt: skip
+    if routes is not None:
+        buffer = io.BytesIO()
+        np.save(buffer, routes)
+        choice["routed_experts"] = base64.b64encode(buffer.getvalue()).decode()
+    return choice
+
+
+def test_answers_become_the_engine_layout():
+    answers = [
+        {"choices": [_choice(1, [7, 2], "stop"), _choice(0, [5, 6, 9], "length")]},
+        {"choices": [_choice(0, [3], "stop"), _choice(1, [4, 4, 2], "stop")]},
+    ]
+    generation, choices = choices_to_generation(answers, [[1, 2, 3], [8]], 2, pad_id=0)
+    assert generation.prompt_ids.tolist() == [[1, 2, 3]] * 2 + [[0, 0, 8]] * 2
+    assert generation.response_ids.tolist() == [[5, 6, 9], [7, 2, 0], [3, 0, 0], [4, 4, 2]], "choices by index"
+    assert generation.response_mask.sum(1).tolist() == [3, 2, 1, 3]
+    assert generation.truncated.tolist() == [True, False, False, False]
+    torch.testing.assert_close(generation.logprobs[1], torch.tensor([-1.2, -0.7, 0.0]))
+    assert [c["index"] for c in choices] == [0, 1, 0, 1]
+
+
+def test_answers_that_do_not_fit_are_refused():
+    with pytest.raises(ServerError, match="3 completions for 2 prompts x 2"):
+        choices_to_generation([{"choices": [_choice(0, [1]), _choice(1, [1])]}, {"choices": [_choice(0, [1])]}],
+                              [[1], [2]], 2, 0)  # fmt: skip
+    with pytest.raises(ServerError, match="'abort'"):
+        choices_to_generation([{"choices": [_choice(0, [1], "abort")]}], [[1]], 1, 0)
+    missing = _choice(0, [1, 2])
+    missing["logprobs"] = None
+    with pytest.raises(ServerError, match="no log-prob"):
+        choices_to_generation([{"choices": [missing]}], [[1]], 1, 0)
+
+
+def test_routed_experts_decode_from_base64_npy():
+    routes = np.arange(3 * 2 * 2, dtype=np.int32).reshape(3, 2, 2)
+    np.testing.assert_array_equal(decode_routes(_choice(0, [1, 2], routes=routes)), routes)
+    assert decode_routes(_choice(0, [1])) is None
+
+
+def test_bad_engine_settings_are_one_line():
+    with pytest.raises(ValueError, match="num_servers and sync_every must be >= 1"):
+        VLLMServerEngine(num_servers=0)
