@@ -310,6 +310,15 @@ def merged_weights(policy: nn.Module, state: dict[str, Tensor]) -> Iterator[tupl
         yield out, tensor
 
 
+def base_weights(policy: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """(transformers name, full tensor) of a peft policy's frozen base, its adapters left out (a served engine
+    starts from them and loads the adapters on top)."""
+    for name, tensor in policy.state_dict().items():
+        out = hf_name(name)
+        if out is not None:
+            yield out, _full(tensor).detach()
+
+
 def trainable(parameters: Iterator[nn.Parameter]) -> list[nn.Parameter]:
     """The parameters the optimiser updates (frozen base weights of a ``peft`` model are left out)."""
     return [p for p in parameters if p.requires_grad]

@@ -124,6 +124,7 @@ class RecordRollouts(Callback):
                 "logprobs": rollout.rollout_logprobs.tolist(),
                 "rewards": rollout.rewards.tolist(),
                 "staleness": None if rollout.staleness is None else rollout.staleness.tolist(),
+                "thread": any(t.name == "gspo-rollouts" for t in threading.enumerate()),
             }
         )
 
@@ -152,6 +153,8 @@ def test_at_identical_weights_asynchronous_batches_equal_the_synchronous_ones(k,
     batches: same prompts in the same order, same samples from the same streams, same engine log-probs."""
     batches, cli = _run(tmp_path, *FROZEN, "--data.max_staleness", str(k), max_steps=8)
     assert len(batches) == len(synchronous_frozen) == 4
+    assert not any(b["thread"] or b["staleness"] for b in synchronous_frozen), "K=0: today's loop, no thread"
+    assert all(b["thread"] for b in batches)
     for i, (got, expected) in enumerate(zip(batches, synchronous_frozen, strict=True)):
         assert got["staleness"] == [min(i, k)] * len(got["rewards"])
         for key in ("prompts", "tokens", "logprobs", "rewards"):

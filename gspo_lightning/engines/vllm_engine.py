@@ -23,7 +23,14 @@ import torch
 from torch import nn
 
 from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine, SamplingConfig
-from gspo_lightning.engines.vllm_io import cpu_batched_tokens, request_seeds, sampling_params_kwargs, to_generation
+from gspo_lightning.engines.vllm_io import (
+    cpu_batched_tokens,
+    request_limits,
+    request_seeds,
+    sampling_params_kwargs,
+    stop_token_ids,
+    to_generation,
+)
 from gspo_lightning.engines.vllm_routes import (
     ROUTES_SOURCES,
     EngineRoutes,
@@ -329,11 +336,9 @@ class VLLMEngine(RolloutEngine):
             raise RuntimeError("VLLMEngine.generate called before bind(policy).")
         tok = self.tokenizer
         pad_id = tok.pad_token_id
-        eos = tok.eos_token_id
-        stop = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        stop = stop_token_ids(tok)
         kwargs = sampling_params_kwargs(self.sampling, num_samples, greedy, stop, self._top_k_off)
-        limits = max_new_tokens or [self.sampling.max_new_tokens] * len(prompt_ids)
-        limits = [max(1, min(self.sampling.max_new_tokens, m)) for m in limits]
+        limits = request_limits(self.sampling, len(prompt_ids), max_new_tokens)
         requests = list(zip(prompt_ids, request_seeds(len(prompt_ids), greedy), limits, strict=True))
         all_requests, mine = self._tensor_parallel_prompts(requests)  # peers run the same requests, same seeds
         all_prompts = [p for p, _, _ in all_requests]

@@ -37,7 +37,8 @@ class ServerClient:
         self.requests = 0  # calls made (each retried call counts once)
 
     def call(self, route: str, payload: dict[str, Any] | None = None, method: str = "POST") -> Any:
-        """``method route`` with a JSON body; the JSON answer (None when empty). Raises :class:`ServerError`."""
+        """``method route`` with a JSON body; the answer (JSON, else its text; None when empty). Raises
+        :class:`ServerError`."""
         self.requests += 1
         wait, error = self.retry_wait_s, ""
         for attempt in range(self.retries + 1):
@@ -57,7 +58,12 @@ class ServerClient:
                 continue
             if answer.status_code >= 400:
                 raise ServerError(self._message(route, f"HTTP {answer.status_code}: {answer.text[:300]}", 1))
-            return answer.json() if answer.content else None
+            if not answer.content:
+                return None
+            try:
+                return answer.json()
+            except ValueError:  # some routes answer plain text (/v1/load_lora_adapter)
+                return answer.text
         raise ServerError(self._message(route, error, self.retries + 1))
 
     def _message(self, route: str, error: str, tries: int) -> str:

@@ -30,6 +30,18 @@ def sampling_params_kwargs(
     return {**kwargs, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": top_k}
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """The tokenizer's EOS id(s): where every request stops (a chat model may list several)."""
+    eos = tokenizer.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def request_limits(sampling: SamplingConfig, num_prompts: int, max_new_tokens: list[int] | None) -> list[int]:
+    """Each request's ``max_tokens``: the run's limit, or a lower one per prompt (the multi-turn loop's budget)."""
+    limits = max_new_tokens or [sampling.max_new_tokens] * num_prompts
+    return [max(1, min(sampling.max_new_tokens, m)) for m in limits]
+
+
 def request_seeds(num_prompts: int, greedy: bool) -> list[int | None]:
     """One vLLM ``SamplingParams.seed`` per sampled request, drawn from torch's random stream: the data module
     seeds that stream per rollout batch and rank (``gspo_lightning.rng``), so a resumed run samples what an

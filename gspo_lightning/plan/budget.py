@@ -225,7 +225,22 @@ def update_terms(run: RunSpec, arch: Architecture, s: Shapes) -> list[Term]:
 
 
 def engine_terms(run: RunSpec, arch: Architecture, s: Shapes, device_memory: int) -> list[Term]:
-    """The rollout engine's memory on one device while generating (and while training, when it stays)."""
+    """The rollout engine's memory on one device while generating (and while training, when it stays). Under
+    asynchronous rollouts (``data.max_staleness > 0``) generation runs while the update does: what the engine
+    holds counts in both phases, and ``TransformersEngine`` generates from a copy of the weights on the device
+    (the vLLM engines' copy stays on the host)."""
+    terms = _engine_terms(run, arch, s, device_memory)
+    if run.max_staleness <= 0:
+        return terms
+    note = "; during the update too (asynchronous rollouts)"
+    terms = [Term(t.name, t.generation, max(t.update, t.generation), t.note + note, t.knob) for t in terms]
+    if run.engine.kind == "transformers":
+        copy = arch.params * param_bytes(run, arch)
+        terms.append(Term("engine's copy of the weights", copy, copy, "data.max_staleness > 0", "staleness"))
+    return terms
+
+
+def _engine_terms(run: RunSpec, arch: Architecture, s: Shapes, device_memory: int) -> list[Term]:
     e, w = run.engine, widths(run, arch)
     if e.kind == "transformers":
         kv = kv_cache_bytes(arch, w, s.generate_sequences, s.length)
@@ -247,6 +262,8 @@ def engine_terms(run: RunSpec, arch: Architecture, s: Shapes, device_memory: int
         asleep = 0.0 if e.enable_sleep_mode else reserved
         note = f"gpu_memory_utilization {e.gpu_memory_utilization:g}" + (", sleeps in update" if asleep == 0 else "")
         return [Term("vLLM reservation", reserved, asleep, note, "engine")]
+    if e.kind == "served":
+        return [Term("vLLM servers", 0.0, 0.0, "on devices of their own (VLLMServerEngine)", "engine")]
     return [Term(f"engine {e.name}", 0.0, 0.0, "not modelled: add its memory by hand", "engine")]
 
 

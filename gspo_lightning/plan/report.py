@@ -146,6 +146,10 @@ def advice(plan: MemoryPlan) -> str | None:
     if term.knob == "head":
         chunk = max((run.logprob_chunk_size or s.micro_response) // 4, 16)
         return f"smaller log-prob head chunks: --model.batching.logprob_chunk_size {chunk}"
+    if term.knob == "staleness" or (run.max_staleness > 0 and term.knob in ("engine", "engine_batch")):
+        return (
+            "synchronous rollouts (--data.max_staleness 0), or vLLM servers on devices of their own: VLLMServerEngine"
+        )
     if term.knob == "engine" and run.engine.kind == "vllm":
         others = plan.total("generation") - term.generation
         share = max(math.floor((plan.device_memory * HEADROOM - others) / plan.device_memory * 20) / 20, 0.05)
@@ -155,6 +159,10 @@ def advice(plan: MemoryPlan) -> str | None:
     if term.knob == "engine_batch":
         batch = max((run.engine.batch_size or s.generate_sequences // run.num_samples) // 2, 1)
         return f"fewer prompts per generate call: --data.engine.init_args.batch_size {batch}, or VLLMEngine"
+    if term.knob == "staleness" or (run.max_staleness > 0 and term.knob in ("engine", "engine_batch")):
+        return (
+            "synchronous rollouts (--data.max_staleness 0), or vLLM servers on devices of their own (VLLMServerEngine)"
+        )
     if term.knob == "reference":
         return "LoRA (--config configs/lora.yaml: the reference is the policy with its adapters off) or FSDP2"
     if term.knob in ("shard", "offload") and not sharded:

@@ -81,9 +81,10 @@ class StrategySpec:
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """The rollout engine: ``transformers`` (``generate`` on the policy), ``vllm`` (colocated), or ``other``."""
+    """The rollout engine: ``transformers`` (``generate`` on the policy), ``vllm`` (colocated), ``served`` (vLLM
+    servers on devices of their own), or ``other``."""
 
-    kind: Literal["transformers", "vllm", "other"]
+    kind: Literal["transformers", "vllm", "served", "other"]
     name: str
     batch_size: int | None = None
     gpu_memory_utilization: float = 0.5
@@ -122,6 +123,7 @@ class RunSpec:
     num_samples: int
     max_new_tokens: int
     max_prompt_length: int
+    max_staleness: int = 0
 
     @property
     def world_size(self) -> int:
@@ -264,6 +266,8 @@ def strategy_spec(value: Any, world: int, devices: int) -> StrategySpec:
 
 def _engine(value: Any) -> EngineSpec:
     name, _ = _class(value)
+    if name == "VLLMServerEngine":
+        return EngineSpec("served", name)
     if name not in ("TransformersEngine", "VLLMEngine"):
         return EngineSpec("other", name or "none")
     args = _with_defaults(value) if isinstance(value, dict) else {}
@@ -362,4 +366,5 @@ def run_spec(config: dict[str, Any]) -> RunSpec:
         num_samples=rollout.num_samples,
         max_new_tokens=SamplingConfig(**sampling).max_new_tokens,
         max_prompt_length=encoding.max_prompt_length,
+        max_staleness=int(data.get("max_staleness") or 0),
     )

@@ -6,7 +6,9 @@ puts them together and owns the seam to the trainer:
 - ``collector``: one rollout batch of single-turn completions (G per prompt, DAPO dynamic sampling); multi-turn
   agent loops belong beside it, producing the same :class:`RolloutBatch`;
 - ``datamodule``: :class:`RolloutDataModule`, the Lightning data module: prompt order, seeded streams, exact
-  resume, the train and held-out dataloaders (where asynchronous, bounded-staleness rollouts will queue);
+  resume, the train and held-out dataloaders (``streams``), the prompt splits (``prompt_set``);
+- ``pipeline`` and ``asynchronous``: bounded-staleness rollouts (``data.max_staleness``) generated on a thread
+  from the engine's own copy of the weights, version by version, and the batches in flight a checkpoint keeps;
 - ``evaluation``: held-out results and the accuracy figures made from them;
 - ``options``: the data module's option groups (``data.rollout``, ``data.encoding``, ``data.heldout``);
 - ``link``: the one seam with the trainer (:class:`PolicyLink` in, ``sync_weights`` back).

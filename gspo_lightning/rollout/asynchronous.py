@@ -37,9 +37,10 @@ def snapshot(policy: nn.Module) -> dict[str, Tensor]:
 
 
 class PolicyCopy:
-    """An eval-mode copy of the policy for the engine to generate with while the original trains."""
+    """An eval-mode copy of the policy for the engine to generate with while the original trains (on ``device``:
+    the policy's when None)."""
 
-    def __init__(self, policy: nn.Module) -> None:
+    def __init__(self, policy: nn.Module, device: str | None = None) -> None:
         if is_sharded(policy):
             raise ValueError(
                 "data.max_staleness > 0 needs an unsharded policy on each rank (DDP): the engine's copy of a sharded"
@@ -49,6 +50,8 @@ class PolicyCopy:
         # requires_grad stays as on the policy: generation runs under no_grad anyway, and some kernels take
         # another path for frozen weights (transformers' MoE experts do), which would change the log-probs' rounding
         self.model = copy.deepcopy(policy).eval()
+        if device is not None:
+            self.model.to(device)
         for module in self.model.modules():  # hooks are functions: deepcopy shares them, so they would record this
             for hooks in (module._forward_hooks, module._forward_pre_hooks):  # copy's forwards into the policy's
                 hooks.clear()  # routing controller; the engine installs its own when it needs routes
@@ -98,7 +101,8 @@ class AsyncRollouts:
                 " random generator on the rollout thread, which the update's dropout would draw from at the same"
                 " time (runs would not reproduce); set model.policy.disable_dropout: true."
             )
-        self.copy = PolicyCopy(policy)
+        # an engine with weights of its own (vLLM) only reads the copy to push it: the copy can wait on the host
+        self.copy = PolicyCopy(policy, None if self.engine.generates_with_policy else "cpu")
         self.engine.bind(self.copy.model)
 
     def _load(self, state: dict[str, Tensor]) -> None:

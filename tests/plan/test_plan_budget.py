@@ -115,6 +115,22 @@ def test_vllm_reserves_its_share_while_generating_and_sleeps_through_the_update(
     assert asleep.generation == 20 * GIB and asleep.update == 0
 
 
+def test_asynchronous_rollouts_hold_the_engine_through_the_update_and_a_weight_copy():
+    """data.max_staleness > 0: generation runs during the update, so the engine's memory counts in both phases, and
+    TransformersEngine generates from a copy of the weights (1e6 x 4 B); served engines hold nothing here."""
+    sync = {t.name: t for t in engine_terms(spec(), ARCH, shapes(spec(), ARCH), 80 * GIB)}
+    run = spec(data={"max_staleness": 1})
+    stale = {t.name: t for t in engine_terms(run, ARCH, shapes(run, ARCH), 80 * GIB)}
+    kv = "KV cache (generate)"
+    assert sync[kv].update == 0 and stale[kv].update == stale[kv].generation == sync[kv].generation > 0
+    copy = stale["engine's copy of the weights"]
+    assert copy.generation == copy.update == 4_000_000
+    served = spec(data={"max_staleness": 1, "engine": {"class_path": "gspo_lightning.engines.VLLMServerEngine"}})
+    assert [(t.name, t.generation, t.update) for t in engine_terms(served, ARCH, shapes(served, ARCH), GIB)] == [
+        ("vLLM servers", 0.0, 0.0)
+    ]
+
+
 def test_token_budget_micro_batches():
     # 8 + 8 tokens per sequence, a 40-token budget: 2 sequences (32 tokens) per micro-batch when all are full
     # length, but shorter ones can fill the budget: at most 40 tokens; 16 sequences -> 8 micro-batches
