@@ -39,14 +39,26 @@ class Script(BaseHTTPRequestHandler):
         pass
 
 
+class QuietServer(ThreadingHTTPServer):
+    """Joins its handler threads on close, and keeps quiet about clients that left before their answer (the
+    timeout test's): nothing of it may reach a later test's captured output."""
+
+    daemon_threads = False
+    block_on_close = True
+
+    def handle_error(self, request, client_address) -> None:
+        pass
+
+
 @pytest.fixture
 def scripted():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Script)
+    server = QuietServer(("127.0.0.1", 0), Script)
     server.script, server.calls = [], 0
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+    server.server_close()  # waits for the handlers still sleeping
 
 
 def test_server_errors_are_retried_a_bounded_number_of_times(scripted):
