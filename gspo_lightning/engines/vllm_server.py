@@ -204,9 +204,6 @@ class VLLMServerEngine(RolloutEngine):
     def is_bound(self) -> bool:
         return bool(self.clients)
 
-    def request_routes(self) -> None:
-        super().request_routes()  # checked on the first answer: vLLM returns routes only where it can (CUDA)
-
     def bind(self, policy: nn.Module) -> None:
         """Write the policy's folder, start the servers (or reach the given ones) and push its weights."""
         rank, world = rank_and_world()

@@ -58,11 +58,6 @@ class WeightVersions:
                 raise PipelineClosed("the rollout pipeline was closed")
             return self._snapshots[version]
 
-    def latest_snapshot(self) -> tuple[int, Any]:
-        """The newest version published and its snapshot."""
-        with self._cond:
-            return self.latest, self._snapshots[self.latest]
-
     def drop_before(self, version: int) -> None:
         """Forget the snapshots older than ``version`` (no later batch needs them)."""
         with self._cond:
@@ -113,7 +108,6 @@ class RolloutPipeline:
         self._engine_lock = threading.RLock()  # the producer's, or the trainer thread's (evaluation)
         self._loaded: int | None = None  # the version the engine holds
         self._thread: threading.Thread | None = None
-        self.busy_s = 0.0  # seconds the producer spent generating
 
     def version_for(self, index: int) -> int:
         """The policy version that generates rollout batch ``index``."""
@@ -137,7 +131,6 @@ class RolloutPipeline:
                 index = self._next
                 version = self.version_for(index)
                 snapshot = self.versions.wait_for(version)
-                start = time.perf_counter()
                 with self._engine_lock, torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                     if self._loaded != version:
                         self.load(snapshot)
@@ -145,7 +138,6 @@ class RolloutPipeline:
                     batch = self.produce(index)
                     if stream is not None:
                         stream.synchronize()  # the batch's tensors are complete before the trainer reads them
-                self.busy_s += time.perf_counter() - start
                 batch.policy_version = torch.full((len(batch),), version, dtype=torch.long)
                 with self._cond:
                     self._ready[index] = batch
